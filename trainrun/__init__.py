@@ -1,0 +1,2 @@
+"""trainrun: config-driven, exactly reproducible PyTorch training."""
+__version__ = "0.1.0"

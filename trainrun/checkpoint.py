@@ -1,0 +1,223 @@
+"""Checkpoints: atomic save with SHA256, meta.json, retention, `latest`/`best` pointers, verified load.
+
+Layout inside a run directory:
+    checkpoints/step_000123/state.pt         torch.save of the state (weights_only-loadable)
+    checkpoints/step_000123/state.pt.sha256  hex digest of state.pt, computed while writing
+    checkpoints/step_000123/meta.json        provenance + the digest
+    checkpoints/latest                       name of the newest complete checkpoint
+    checkpoints/best                         name of the best checkpoint by the monitored metric
+
+A checkpoint is written into a temporary folder, fsynced, then renamed into place; `latest` is
+replaced (tmp + rename) only after that, so a crash at any point leaves the previous state intact.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from trainrun.errors import CheckpointError
+
+STATE, DIGEST, META = "state.pt", "state.pt.sha256", "meta.json"
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file wrapper that hashes the bytes as they go to disk (no re-read)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def list_checkpoints(run_dir: Path) -> List[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                   and (p / META).is_file()), key=lambda p: p.name)
+
+
+def read_pointer(run_dir: Path, name: str) -> Optional[Path]:
+    ptr = Path(run_dir) / "checkpoints" / name
+    if not ptr.is_file():
+        return None
+    target = ptr.parent / ptr.read_text().strip()
+    return target if target.is_dir() else None
+
+
+def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], *, keep_last: int,
+         metric: Optional[float] = None, mode: str = "max", keep_best: bool = True) -> Tuple[Path, str]:
+    """Write checkpoint `step` atomically, update `latest` (and `best`), apply retention. Returns (dir, sha256)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with open(tmp / STATE, "wb") as f:
+            w = _HashingWriter(f)
+            torch.save(state, w)
+            f.flush()
+            os.fsync(f.fileno())
+        sha = w.h.hexdigest()
+        meta = {**meta, "step": step, "sha256": sha, "state_bytes": w.n}
+        if metric is not None:
+            meta["monitor_value"] = metric
+        for name, text in ((DIGEST, f"{sha}  {STATE}\n"), (META, json.dumps(meta, indent=2, sort_keys=True, default=str))):
+            with open(tmp / name, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # the same step saved again: swap, so one complete copy always exists
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); the previous "
+                                  f"checkpoint is intact; free disk space or change output_root") from e
+        raise
+    _write_text_atomic(root / "latest", final.name + "\n")
+    if keep_best and metric is not None and _is_better(metric, _pointer_metric(run_dir, "best"), mode):
+        _write_text_atomic(root / "best", final.name + "\n")
+    _retain(run_dir, keep_last)
+    return final, sha
+
+
+def _pointer_metric(run_dir: Path, name: str) -> Optional[float]:
+    target = read_pointer(run_dir, name)
+    if target is None:
+        return None
+    return json.loads((target / META).read_text()).get("monitor_value")
+
+
+def _is_better(value: float, best: Optional[float], mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _retain(run_dir: Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(run_dir)
+    keep = {p.name for p in ckpts[-keep_last:]}
+    for name in ("latest", "best"):
+        target = read_pointer(run_dir, name)
+        if target is not None:
+            keep.add(target.name)
+    for p in ckpts:
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_meta(ckpt_dir: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((Path(ckpt_dir) / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: unreadable {META} ({e}); pick another checkpoint") from e
+
+
+def load(ckpt_dir: Path, map_location: Any = "cpu") -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Verify the SHA256, then unpickle with weights_only=True (a checkpoint never executes code)."""
+    ckpt_dir = Path(ckpt_dir)
+    state_path = ckpt_dir / STATE
+    if not state_path.is_file():
+        raise CheckpointError(f"checkpoint not found: {state_path} does not exist; "
+                              "pass a run directory, a checkpoints/step_* directory, or resume=latest")
+    try:
+        recorded = (ckpt_dir / DIGEST).read_text().split()[0]
+    except (OSError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable {DIGEST}; it is incomplete, resume from another") from e
+    data = state_path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != recorded:
+        raise CheckpointError(f"checkpoint {ckpt_dir} failed its SHA256 check (recorded {recorded[:12]}, "
+                              f"file {actual[:12]}): it is corrupt or was modified; resume from another checkpoint")
+    meta = read_meta(ckpt_dir)
+    if meta.get("sha256") not in (None, actual):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} records SHA256 {meta['sha256'][:12]} but the state "
+                              f"file is {actual[:12]}; the checkpoint was tampered with")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded safely (weights_only): "
+                              f"{str(e).splitlines()[0]}") from e
+    return state, meta
+
+
+def run_dir_of(ckpt_dir: Path) -> Path:
+    return Path(ckpt_dir).resolve().parent.parent
+
+
+def candidates(spec: str, output_root: Path, run_name: Optional[str] = None) -> List[Path]:
+    """Checkpoint dirs a resume spec points to, best first (the newest valid one wins for run dirs)."""
+    p = Path(spec)
+    if spec == "latest":
+        root = Path(output_root)
+        if run_name:
+            runs = [root / run_name]
+        else:
+            runs = sorted((d for d in root.glob("*") if (d / "checkpoints" / "latest").is_file()),
+                          key=lambda d: (d / "checkpoints" / "latest").stat().st_mtime, reverse=True)[:1] \
+                if root.is_dir() else []
+        if not runs or not list_checkpoints(runs[0]):
+            raise CheckpointError(f"resume=latest: no run with checkpoints under {root}/; "
+                                  "pass the run directory explicitly (resume=runs/NAME)")
+        p = runs[0]
+    if (p / STATE).is_file() or (p / META).is_file():
+        return [p]
+    if (p / "checkpoints").is_dir():
+        ckpts = list_checkpoints(p)
+        latest = read_pointer(p, "latest")
+        ordered = ([latest] if latest else []) + [c for c in reversed(ckpts) if c != latest]
+        if ordered:
+            return ordered
+    raise CheckpointError(f"resume={spec}: no checkpoint there; pass a run directory, a checkpoints/step_* "
+                          "directory, or resume=latest")
+
+
+def is_latest(ckpt_dir: Path) -> bool:
+    latest = read_pointer(run_dir_of(ckpt_dir), "latest")
+    return latest is not None and latest.resolve() == Path(ckpt_dir).resolve()

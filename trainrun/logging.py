@@ -1,0 +1,119 @@
+"""Run output: rich console (progress bar on a terminal, plain lines otherwise), metrics.jsonl, wandb."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def console() -> Console:
+    return Console(stderr=False, highlight=False, soft_wrap=True)
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """On resume, keep the rows up to the checkpoint's step; rows past it (a killed run's tail) move aside."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+        except ValueError:
+            drop.append(line)
+    if drop:
+        with open(path.with_name("metrics.discarded.jsonl"), "a") as f:
+            f.write("\n".join(drop) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and abs(v) >= 100:
+        return f"{v:.0f}"
+    if isinstance(v, float):
+        return f"{v:.3e}" if (v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5)) else f"{v:.4f}"
+    return str(v)
+
+
+class RunLogger:
+    def __init__(self, cfg, run_dir: Path, total_steps: int, start_step: int, config: Dict[str, Any],
+                 wandb_id: Optional[str]):
+        self.cfg, self.run_dir, self.total = cfg, Path(run_dir), total_steps
+        self.console = console()
+        self.file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if self.console.is_terminal else "lines"
+        self.mode = mode
+        self.progress: Optional[Progress] = None
+        if mode == "bar":
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[info]}"), console=self.console, transient=False)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress.start()
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if cfg.name == "wandb":
+            import wandb  # deferred: only runs that ask for wandb pay its import
+
+            self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir),
+                                    id=wandb_id, resume="allow", config=config, group=cfg.group,
+                                    name=self.run_dir.name)
+
+    def print(self, *args, **kw) -> None:
+        self.console.print(*args, **kw)
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.file.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.mode == "off":
+            return
+        info = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=info)
+        else:
+            self.console.print(f"step {step}/{self.total}  {info}")
+
+    def advance(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def summary(self, title: str, metrics: Dict[str, Any]) -> None:
+        self.stop_progress()
+        table = Table(title=title)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in metrics.items():
+            table.add_row(k, _fmt(v))
+        self.console.print(table)
+        if self.wandb is not None:
+            for k, v in metrics.items():
+                self.wandb.summary[k] = v
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def close(self, exit_code: int = 0) -> None:
+        self.stop_progress()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
+            self.wandb = None
+        sys.stdout.flush()

@@ -1,0 +1,160 @@
+"""The training loop, readable top to bottom: `train_step`, `evaluate`, `fit`.
+
+The loop knows the interfaces of the techniques (precision policy, schedule, loss), not their insides.
+Step order: zero_grad -> forward under autocast -> fp32 loss / accumulation -> backward (scaled for
+fp16) -> unscale -> clip -> optimizer step via the scaler -> scaler update -> schedule -> log.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainrun.data import BatchStream
+from trainrun.precision import PrecisionPolicy
+from trainrun.schedule import Schedule
+
+
+@dataclass
+class TrainState:
+    """Everything about the loop's position; saved in every checkpoint."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    samples: int = 0
+    best_metric: Optional[float] = None
+    last_eval: Dict[str, float] = field(default_factory=dict)
+    last_eval_step: int = -1
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+@dataclass
+class Trainer:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    precision: PrecisionPolicy
+    loss_fn: nn.Module
+    train: BatchStream
+    val: BatchStream
+    device: torch.device
+    total_steps: int
+    accumulation: int = 1
+    clip_norm: Optional[float] = None
+    clip_value: Optional[float] = None
+    state: TrainState = field(default_factory=TrainState)
+
+
+def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """An endless stream of micro-batches that keeps `t.state` (epoch, batch_in_epoch) exact."""
+    while True:
+        for x, y, _ in t.train.iter_epoch(t.state.epoch, t.state.batch_in_epoch):
+            t.state.batch_in_epoch += 1
+            yield x, y
+        t.state.epoch += 1
+        t.state.batch_in_epoch = 0
+
+
+def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torch.Tensor]:
+    """One optimizer step over `accumulation` micro-batches. Returns device tensors (no host sync)."""
+    t.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=t.device)
+    correct = torch.zeros((), device=t.device, dtype=torch.long)
+    n = 0
+    for _ in range(t.accumulation):
+        x, y = next(batches)
+        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        with t.precision.autocast():
+            logits = t.model(x)
+        loss = t.loss_fn(logits.float(), y)  # the loss is always computed in fp32
+        t.precision.backward(loss / t.accumulation)
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == y).sum()
+        n += len(y)
+    norm = t.precision.step(t.optimizer, t.model.parameters(), clip_norm=t.clip_norm,
+                            clip_value=t.clip_value, want_norm=want_norm)
+    t.state.step += 1
+    t.state.samples += n
+    t.schedule.apply(t.optimizer, t.state.step)
+    out = {"loss": loss_sum / t.accumulation, "correct": correct, "n": n}
+    if norm is not None:
+        out["grad_norm"] = norm
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device) -> Dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y, _ in stream.iter_epoch(0):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    model.train(was_training)
+    return {"val/loss": float(loss) / max(1, n), "val/acc": float(correct) / max(1, n)}
+
+
+def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at: int,
+        log: Callable[[int, Dict], None], on_eval: Callable[[Dict[str, float]], None],
+        save: Callable[[], None], advance: Callable[[int], None], should_stop: Callable[[], bool]) -> None:
+    """Train until `stop_at` (<= total_steps), evaluating, checkpointing and logging on their intervals.
+
+    `should_stop()` (a signal arrived) checkpoints at the current step boundary and returns early.
+    """
+    t.model.train()
+    batches = micro_batches(t)
+    loss_acc = torch.zeros((), device=t.device)
+    correct_acc = torch.zeros((), device=t.device, dtype=torch.long)
+    seen, steps_in_window, norm = 0, 0, None
+    window_start = time.perf_counter()
+    while t.state.step < stop_at:
+        is_log_step = (t.state.step + 1) % log_every == 0 or t.state.step + 1 == stop_at
+        out = train_step(t, batches, want_norm=is_log_step)
+        loss_acc += out["loss"]
+        correct_acc += out["correct"]
+        seen += out["n"]
+        steps_in_window += 1
+        norm = out.get("grad_norm", norm)
+        step = t.state.step
+        if is_log_step:
+            loss = float(loss_acc) / steps_in_window  # the one host sync per log interval
+            if loss != loss or loss in (float("inf"), float("-inf")):
+                raise FloatingPointError(f"non-finite training loss ({loss}) at step {step}; lower optimizer.lr, "
+                                         "check the data, or use precision=bf16 instead of fp16")
+            elapsed = time.perf_counter() - window_start
+            metrics = {"epoch": t.state.epoch, "train/loss": loss, "train/acc": float(correct_acc) / max(1, seen),
+                       "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(elapsed, 1e-9)}
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
+            if t.precision.scaler.is_enabled():
+                metrics["loss_scale"] = t.precision.scaler.get_scale()
+            log(step, metrics)
+            loss_acc.zero_()
+            correct_acc.zero_()
+            seen, steps_in_window = 0, 0
+            window_start = time.perf_counter()
+        else:
+            advance(step)
+        if step % eval_every == 0 or step == t.total_steps:
+            metrics = evaluate(t.model, t.val, t.precision, t.device)
+            t.state.last_eval = metrics
+            on_eval(metrics)
+            log(step, {"epoch": t.state.epoch, **metrics})
+            window_start = time.perf_counter()  # keep eval time out of throughput
+        if step % ckpt_every == 0 or step == stop_at or should_stop():
+            save()
+            window_start = time.perf_counter()
+            if should_stop():
+                return

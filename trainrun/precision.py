@@ -1,0 +1,56 @@
+"""Precision policy: autocast dtype, GradScaler, TF32, and the unscale -> clip -> step -> update order."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional
+
+import torch
+
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PrecisionPolicy:
+    def __init__(self, cfg, device: torch.device):
+        self.name, self.device = cfg.name, device
+        self.dtype = DTYPES[cfg.name]
+        # Dynamic loss scaling only for fp16: bf16 has fp32's exponent range and needs none.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.init_scale,
+                                           growth_interval=cfg.growth_interval, enabled=cfg.name == "fp16")
+        if device.type == "cuda":
+            tf32 = cfg.allow_tf32 and cfg.name == "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], *,
+             clip_norm: Optional[float], clip_value: Optional[float], want_norm: bool) -> Optional[torch.Tensor]:
+        """Unscale -> (norm, clip) -> optimizer step (skipped by the scaler on inf/NaN) -> scaler update.
+
+        Returns the pre-clip global grad norm as a tensor (no host sync) when asked for or clipping.
+        """
+        params = [p for p in params if p.grad is not None]
+        self.scaler.unscale_(optimizer)
+        norm = None
+        if clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        elif want_norm or clip_value is not None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, clip_value)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return norm
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        if state:
+            self.scaler.load_state_dict(state)

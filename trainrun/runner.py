@@ -1,0 +1,263 @@
+"""`run(cfg)`: validate -> seed -> build data, model, optimizer, schedule, precision -> restore -> fit -> summary.
+
+Each arrow is one call into the module that owns it. Everything that can be checked (config values,
+resume checkpoint, config compatibility, data) is checked before the first training step.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from trainrun import checkpoint, provenance
+from trainrun.config import validate
+from trainrun.data import BatchStream, build_split
+from trainrun.errors import CheckpointError, ConfigError
+from trainrun.init import apply_init
+from trainrun.logging import RunLogger, trim_metrics
+from trainrun.loop import Trainer, TrainState, evaluate, fit
+from trainrun.models import build_model
+from trainrun.optim import apply_hparams, build_optimizer
+from trainrun.precision import PrecisionPolicy
+from trainrun.regularization import build_loss, effective_dropout
+from trainrun.schedule import Schedule
+from trainrun.seed import capture_rng_state, restore_rng_state, seed_everything, set_determinism
+
+log = logging.getLogger("trainrun")
+
+# Sections whose change makes a checkpoint unusable, and keys that never matter for a resume.
+REFUSE_ON_CHANGE = ("model", "precision")
+IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name")
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(set(a) | set(b))
+    ignored = lambda k: any(k == p or k.startswith(p + ".") for p in IGNORE_ON_RESUME)  # noqa: E731
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and not ignored(k)]
+
+
+def check_resume_compatible(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    changes = config_changes(old, new)
+    refused = [c for c in changes if c[0].split(".")[0] in REFUSE_ON_CHANGE]
+    if refused:
+        k, a, b = refused[0]
+        raise ConfigError(f"resume refused: {k} changed from {a!r} to {b!r}; the checkpoint was trained with "
+                          f"another {k.split('.')[0]}: start a new run, or resume with {k}={a}")
+    return changes
+
+
+def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
+    """The newest loadable checkpoint the spec points to; falls back past corrupt ones with a warning."""
+    errors = []
+    for cand in checkpoint.candidates(spec, Path(cfg.output_root), cfg.run_name):
+        try:
+            state, meta = checkpoint.load(cand)
+            for e in errors:
+                log.warning("skipped a bad checkpoint: %s", e)
+            return cand, state, meta
+        except CheckpointError as e:
+            if Path(spec).resolve() == cand.resolve():
+                raise
+            errors.append(str(e))
+    raise CheckpointError(errors[0] if len(errors) == 1 else f"no valid checkpoint for resume={spec}: {errors[0]}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r}: CUDA is not available on this machine; use trainer.device=cpu")
+    return dev
+
+
+class _StopFlag:
+    """SIGTERM / first Ctrl-C ask the loop to checkpoint at the next step boundary and exit."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. tests): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -> Dict[str, float]:
+    t0 = time.perf_counter()
+    validate(cfg)
+    run_dir = Path(run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resumed = None
+    if cfg.resume:
+        ckpt_dir, state_dict, meta = load_resume(cfg.resume, cfg)
+        if cfg.mode == "train":
+            for k, a, b in check_resume_compatible(meta["config"]["resolved"], resolved):
+                log.warning("resume with a changed config: %s %r -> %r", k, a, b)
+        resumed = (ckpt_dir, state_dict, meta)
+    elif cfg.mode == "eval":
+        raise ConfigError("mode=eval needs a checkpoint: resume=<run dir or checkpoint dir>")
+    elif checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(f"run directory {run_dir} already has checkpoints; continue it with resume={run_dir} "
+                          "or pick another run_name")
+
+    set_determinism(cfg.determinism)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.trainer.device)
+
+    split = build_split(cfg.data)
+    model = build_model(cfg.model, split.input_shape, split.num_classes,
+                        effective_dropout(cfg.regularization, cfg.model))
+    apply_init(model, cfg.init, cfg.model.activation)
+    model.to(device)
+    if device.type == "cuda" and hasattr(split.train, "x"):  # small in-memory sets live on the GPU
+        for ds in (split.train, split.val):
+            ds.x, ds.y = ds.x.to(device), ds.y.to(device)
+
+    acc = cfg.trainer.accumulation_steps
+    global_batch = cfg.data.batch_size * acc
+    train = BatchStream(split.train, cfg.data.batch_size, cfg.seed, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    val = BatchStream(split.val, cfg.data.eval_batch_size, cfg.seed, shuffle=False, drop_last=False,
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if train.batches_per_epoch < acc:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x trainer.accumulation_steps={acc} exceeds the "
+                          f"{len(split.train)} training samples; lower one of them")
+    steps_per_epoch = max(1, train.batches_per_epoch // acc)
+    total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
+
+    optimizer = build_optimizer(model, cfg.optimizer, global_batch)
+    schedule = Schedule(cfg.schedule, total, steps_per_epoch)
+    precision = PrecisionPolicy(cfg.precision, device)
+    trainer = Trainer(model, optimizer, schedule, precision, build_loss(cfg.regularization), train, val, device,
+                      total, acc, cfg.regularization.clip_grad_norm, cfg.regularization.clip_grad_value)
+
+    if cfg.mode == "eval":
+        model.load_state_dict(resumed[1]["model"])
+        metrics = evaluate(model, val, precision, device)
+        RunLogger(cfg.logger, run_dir, total, 0, resolved, None).summary(
+            f"eval of {resumed[0]}", {"step": resumed[2]["step"], **metrics})
+        return metrics
+
+    parent_sha, wall_before, wandb_id = None, 0.0, None
+    if resumed:
+        ckpt_dir, st, meta = resumed
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        apply_hparams(optimizer, cfg.optimizer, global_batch)  # a changed LR/decay takes effect
+        precision.load_state_dict(st["scaler"])
+        trainer.state = TrainState(**st["trainer"])
+        restore_rng_state(st["rng"])
+        parent_sha, wall_before, wandb_id = meta["sha256"], meta.get("wall_time_s", 0.0), meta.get("wandb_id")
+        trim_metrics(run_dir, trainer.state.step)
+    schedule.apply(optimizer, trainer.state.step)
+    if cfg.logger.name == "wandb" and wandb_id is None:
+        import wandb.util
+
+        wandb_id = wandb.util.generate_id()
+
+    (run_dir / "config.yaml").exists() or (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.print(f"[bold]trainrun[/] run dir: {run_dir}")
+    logger.print(f"data: {split.description}")
+    logger.print(f"model: {cfg.model.name} ({n_params:,} params) | optimizer: {cfg.optimizer.name} "
+                 f"lr {optimizer.param_groups[0]['base_lr']:.4g} | schedule: {cfg.schedule.name} | precision: "
+                 f"{cfg.precision.name} | device: {device} | global batch {global_batch} | {total} steps")
+    if resumed:
+        logger.print(f"resumed from {resumed[0]} at step {trainer.state.step} (epoch {trainer.state.epoch}, "
+                     f"batch {trainer.state.batch_in_epoch})")
+
+    stop_at = min(total, cfg.trainer.stop_at_step or total)
+    last_saved = {"sha": parent_sha, "step": trainer.state.step if resumed else None}
+    env = provenance.environment()
+    train_start = time.perf_counter()
+    monitor, mode = cfg.checkpoint.monitor, cfg.checkpoint.monitor_mode
+
+    def on_eval(metrics: Dict[str, float]) -> None:
+        trainer.state.last_eval_step = trainer.state.step
+        value = metrics.get(monitor)
+        best = trainer.state.best_metric
+        if value is not None and (best is None or (value > best if mode == "max" else value < best)):
+            trainer.state.best_metric = value
+
+    def save() -> None:
+        s = trainer.state
+        if last_saved["step"] == s.step:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": precision.state_dict(),
+            "trainer": s.to_dict(),
+            "rng": capture_rng_state(),
+            "data": {"seed": cfg.seed, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
+        }
+        meta = {
+            "run_dir": str(run_dir.resolve()),
+            "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "total_steps": total, "seed": cfg.seed,
+            "metrics": s.last_eval if s.last_eval_step == s.step else {},
+            "config": {"resolved": resolved, "unresolved": OmegaConf.to_container(cfg, resolve=False)},
+            "overrides": list(overrides or []),
+            "command": provenance.command_line(),
+            "data": {"name": cfg.data.name, "fingerprint": split.fingerprint, "description": split.description},
+            "parent_sha256": last_saved["sha"],
+            "resumed_from": str(resumed[0]) if resumed else None,
+            "wall_time_s": round(wall_before + time.perf_counter() - train_start, 3),
+            "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "wandb_id": wandb_id,
+            **env,
+        }
+        metric = s.last_eval.get(monitor) if s.last_eval_step == s.step else None
+        _, sha = checkpoint.save(run_dir, s.step, state, meta, keep_last=cfg.checkpoint.keep_last, metric=metric,
+                                 mode=mode, keep_best=cfg.checkpoint.keep_best)
+        last_saved.update(sha=sha, step=s.step)
+
+    exit_code = 1
+    try:
+        if trainer.state.step >= total:
+            logger.print(f"run already complete at step {trainer.state.step}/{total}; nothing to do")
+        with _StopFlag() as stop:
+            fit(trainer, log_every=cfg.logger.log_every, eval_every=cfg.trainer.eval_every or steps_per_epoch,
+                ckpt_every=cfg.trainer.ckpt_every or steps_per_epoch, stop_at=stop_at, log=logger.log,
+                on_eval=on_eval, save=save, advance=logger.advance, should_stop=lambda: stop.requested)
+        final = {"step": trainer.state.step, **trainer.state.last_eval}
+        if trainer.state.best_metric is not None:
+            final[f"best {monitor}"] = trainer.state.best_metric
+        final["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        done = trainer.state.step >= total
+        logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
+                       f"(checkpointed; resume={run_dir} continues)", final)
+        exit_code = 0
+        return final
+    finally:
+        logger.close(exit_code)
