@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -40,6 +41,23 @@ class _HashingWriter(io.RawIOBase):
         self.h.update(b)
         self.n += len(b)
         return self.f.write(b)
+
+
+def canonical(obj: Any) -> Any:
+    """Rebuild containers and intern strings so the pickle's bytes depend only on the values.
+
+    Pickle memoizes by object identity: a key loaded from an earlier checkpoint is a different str object
+    than the same literal in a fresh run, which changes the bytes (and the SHA256) of an equal state.
+    """
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {canonical(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(canonical(v) for v in obj)
+    return obj
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,7 +111,7 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
     try:
         with open(tmp / STATE, "wb") as f:
             w = _HashingWriter(f)
-            torch.save(state, w)
+            torch.save(canonical(state), w)
             f.flush()
             os.fsync(f.fileno())
         sha = w.h.hexdigest()

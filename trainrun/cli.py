@@ -76,15 +76,9 @@ def _run_dir(mode: str, resume: Optional[str], output_root: str, run_name: Optio
     return str(Path(output_root) / (run_name or _now()))
 
 
-def _hydra_subdir(mode: str, resume: Optional[str]) -> str:
-    # A resumed run keeps the original .hydra/ and records this invocation's composition beside it.
-    return f".hydra/resume-{_now()}" if resume and mode == "train" else ".hydra"
-
-
 def _register_resolvers() -> None:
-    for name, fn in (("trainrun_run_dir", _run_dir), ("trainrun_hydra_subdir", _hydra_subdir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("trainrun_run_dir"):
+        OmegaConf.register_new_resolver("trainrun_run_dir", _run_dir)
 
 
 def setup() -> None:
@@ -101,12 +95,72 @@ def _task(cfg: DictConfig):
         return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     except TrainrunError as e:
         sys.stdout.flush()
-        print(f"trainrun: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(str(e))
+
+
+def _one_line(e: BaseException) -> str:
+    """Turn Hydra/OmegaConf composition errors into one line that names the key and the fix."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from trainrun.config import TrainrunConfig
+
+    chain, cur = [], e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for err in chain:
+        if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+            group, _, name = err.missing_cfg_file.rpartition("/")
+            options = ", ".join(err.options or [])
+            return f"unknown option {group}={name}: choose one of {options}"
+        if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and getattr(err, "full_key", None):
+            parent = err.full_key.rpartition(".")[0]
+            node = OmegaConf.select(OmegaConf.structured(TrainrunConfig), parent) if parent \
+                else OmegaConf.structured(TrainrunConfig)
+            valid = ", ".join(node.keys()) if node is not None else ""
+            return f"unknown config key '{err.full_key}': valid keys{' in ' + parent if parent else ''} are {valid}"
+        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+            msg = str(getattr(err, "msg", err)).splitlines()[0]
+            return f"{err.full_key}: {msg}"
+    return str(e).strip().splitlines()[0]
+
+
+def preflight(overrides) -> None:
+    """Compose and validate once before Hydra starts, so bad input fails in one line and creates no run dir."""
+    from hydra import compose, initialize_config_dir
+
+    from trainrun.config import validate
+    from trainrun.runner import check_resume_compatible
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
+            cfg = compose("config", overrides=list(overrides))
+        validate(cfg)
+        if cfg.resume and cfg.mode == "train":
+            from trainrun import checkpoint
+
+            meta = checkpoint.read_meta(checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0])
+            check_resume_compatible(meta["config"]["resolved"], OmegaConf.to_container(cfg, resolve=True))
+    except TrainrunError as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001  (Hydra raises several unrelated types for bad overrides)
+        _fail(_one_line(e))
+
+
+def _fail(msg: str) -> None:
+    print(f"trainrun: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main() -> None:
     setup()
+    args = sys.argv[1:]
+    hydra_flags = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
+                   "-p", "--package", "--resolve", "--version", "--config-path", "-cp", "--config-name", "-cn",
+                   "--config-dir", "-cd", "--experimental-rerun"}
+    if not any(a.split("=")[0] in hydra_flags for a in args):
+        preflight([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
     hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
 
 

@@ -182,9 +182,22 @@ def _get(cfg: Any, dotted: str) -> Any:
     return OmegaConf.select(cfg, dotted)
 
 
+def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:
+    """`+key=value` can add keys Hydra's struct mode would refuse; refuse them here with the valid names."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in node.keys():
+        if key not in schema:
+            where = f" in {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}': valid keys{where} are {', '.join(schema.keys())}")
+        _check_known_keys(node[key], schema[key], f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line: the key, the value, the fix) on the first bad value."""
     from trainrun.models import MODELS
+
+    _check_known_keys(cfg, OmegaConf.structured(TrainrunConfig), "")
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{key}={_get(cfg, key)!r}: {msg}")

@@ -184,7 +184,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
 
         wandb_id = wandb.util.generate_id()
 
-    (run_dir / "config.yaml").exists() or (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if not (run_dir / "config.yaml").exists():  # the run's original composition; resumes add theirs to meta.json
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(f"[bold]trainrun[/] run dir: {run_dir}")
