@@ -184,6 +184,20 @@ def test_tensors_file_loads(tmp_path):
     assert s5.num_classes == 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensors_half_precision_inputs_become_float32(tmp_path, dtype):
+    x, y = _good_xy()
+    s = build_split(data_cfg(name="tensors", root=str(_write_tensors(tmp_path, x.to(dtype), y))))
+    assert s.train.x.dtype == torch.float32 and s.val.x.dtype == torch.float32
+    nn.Linear(16, 3)(s.train.x.flatten(1))  # what the model will do with a batch
+
+
+def test_tensors_float64_inputs_become_float32(tmp_path):
+    x, y = _good_xy()
+    s = build_split(data_cfg(name="tensors", root=str(_write_tensors(tmp_path, x.double(), y))))
+    assert s.train.x.dtype == torch.float32
+
+
 def test_tensors_nan_raises(tmp_path):
     x, y = _good_xy()
     x[7, 0, 1, 2] = float("nan")
@@ -232,10 +246,6 @@ def test_tensors_bad_content_raises(tmp_path):
         build_split(data_cfg(name="tensors", root=str(_write_tensors(tmp_path, x.flatten(1), y, "flat.pt"))))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "load_tensor_file_set calls y.long() before check_tensor_data, so the 'labels must be integer class "
-    "indices' check never sees float labels: non-integral float labels (e.g. 0.5, 1.5) are silently "
-    "truncated to class indices instead of raising DataError"))
 def test_tensors_float_labels_raise(tmp_path):
     x, y = _good_xy()
     p = _write_tensors(tmp_path, x, y.float() + 0.5, "fy.pt")
@@ -428,6 +438,13 @@ def test_retention_min_mode_and_no_best(tmp_path):
     assert ck.read_pointer(other, "best") is None
 
 
+@pytest.mark.parametrize("mode,values", [("max", [float("nan"), 0.5, 0.9]), ("min", [float("nan"), 2.0, 1.0])])
+def test_nan_metric_does_not_stay_best(tmp_path, mode, values):
+    for step, v in enumerate(values, start=1):
+        ck.save(tmp_path, step, {"step": step}, {}, keep_last=1, metric=v, mode=mode)
+    assert ck.read_pointer(tmp_path, "best").name == "step_000000003"
+
+
 def test_same_step_saved_again_replaces(tmp_path):
     ck.save(tmp_path, 4, _state(0), {}, keep_last=2)
     d, sha = ck.save(tmp_path, 4, _state(1), {}, keep_last=2)
@@ -442,6 +459,12 @@ def test_bit_flip_detected(tmp_path):
     data = bytearray((d / ck.STATE).read_bytes())
     data[len(data) // 2] ^= 0x01
     (d / ck.STATE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA256"):
+        ck.load(d)
+    # the state.pt.sha256 check alone catches it (meta.json without its own digest)
+    meta = json.loads((d / ck.META).read_text())
+    del meta["sha256"]
+    (d / ck.META).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="SHA256"):
         ck.load(d)
 

@@ -294,6 +294,22 @@ def test_apply_hparams_after_load_state_dict_restores_config():
     assert all("exp_avg" in new.state[p] for p in model.parameters())
 
 
+@pytest.mark.parametrize("old_wd,new_wd", [(0.0, 0.1), (0.1, 0.0)])
+def test_resume_with_changed_weight_decay(old_wd, new_wd):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    old = build_optimizer(model, opt_cfg(name="adamw", lr=0.1, weight_decay=old_wd), 64)
+    model(torch.randn(8, 4)).sum().backward()
+    old.step()
+    new_cfg = opt_cfg(name="adamw", lr=0.1, weight_decay=new_wd)
+    new = build_optimizer(model, new_cfg, 64)
+    new.load_state_dict(old.state_dict())
+    apply_hparams(new, new_cfg, 64)
+    no_decay = {id(p) for p in (model[0].bias, model[1].weight, model[1].bias, model[2].bias)}
+    for g in new.param_groups:
+        for p in g["params"]:
+            assert g["weight_decay"] == (0.0 if id(p) in no_decay else new_wd)
+
+
 def test_adamw_one_step_matches_decoupled_formula():
     lr, wd, b1, b2, eps = 0.1, 0.5, 0.9, 0.999, 1e-8
     theta0, g = 2.0, 0.3

@@ -139,7 +139,7 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
                                   f"checkpoint is intact; free disk space or change output_root") from e
         raise
     _write_text_atomic(root / "latest", final.name + "\n")
-    if keep_best and metric is not None and _is_better(metric, _pointer_metric(run_dir, "best"), mode):
+    if keep_best and metric is not None and is_better(metric, _pointer_metric(run_dir, "best"), mode):
         _write_text_atomic(root / "best", final.name + "\n")
     _retain(run_dir, keep_last)
     return final, sha
@@ -152,8 +152,11 @@ def _pointer_metric(run_dir: Path, name: str) -> Optional[float]:
     return json.loads((target / META).read_text()).get("monitor_value")
 
 
-def _is_better(value: float, best: Optional[float], mode: str) -> bool:
-    if best is None:
+def is_better(value: float, best: Optional[float], mode: str) -> bool:
+    """NaN is never better, and any number beats a NaN best."""
+    if value != value:
+        return False
+    if best is None or best != best:
         return True
     return value > best if mode == "max" else value < best
 

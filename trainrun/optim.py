@@ -29,7 +29,8 @@ def effective_lr(cfg, global_batch: int) -> float:
 
 def param_groups(model: nn.Module, cfg) -> List[Dict]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not cfg.no_decay_norm_bias or cfg.weight_decay == 0:
+    # The split does not depend on the decay value, so a resume may change weight_decay freely.
+    if not cfg.no_decay_norm_bias:
         return [{"params": [p for _, p in params], "name": "all", "decay": True}]
     skip = no_decay_names(model)
     decay = [p for n, p in params if n not in skip]

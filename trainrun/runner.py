@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 import signal
+import string
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -171,7 +173,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     if resumed:
         ckpt_dir, st, meta = resumed
         model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
+        try:
+            optimizer.load_state_dict(st["optimizer"])
+        except ValueError as e:
+            raise ConfigError(f"resume refused: the optimizer state does not fit this config ({e}); resume with the "
+                              "checkpoint's optimizer settings or start a new run") from e
         apply_hparams(optimizer, cfg.optimizer, global_batch)  # a changed LR/decay takes effect
         precision.load_state_dict(st["scaler"])
         trainer.state = TrainState(**st["trainer"])
@@ -180,9 +186,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         trim_metrics(run_dir, trainer.state.step)
     schedule.apply(optimizer, trainer.state.step)
     if cfg.logger.name == "wandb" and wandb_id is None:
-        import wandb.util
-
-        wandb_id = wandb.util.generate_id()
+        wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
     if not (run_dir / "config.yaml").exists():  # the run's original composition; resumes add theirs to meta.json
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -206,8 +210,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     def on_eval(metrics: Dict[str, float]) -> None:
         trainer.state.last_eval_step = trainer.state.step
         value = metrics.get(monitor)
-        best = trainer.state.best_metric
-        if value is not None and (best is None or (value > best if mode == "max" else value < best)):
+        if value is not None and checkpoint.is_better(value, trainer.state.best_metric, mode):
             trainer.state.best_metric = value
 
     def save() -> None:

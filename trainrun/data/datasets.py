@@ -142,8 +142,13 @@ def load_tensor_file_set(cfg) -> Split:
         x, y = obj["x"], obj["y"]
     except Exception as e:
         raise DataError(f"data=tensors: cannot read {path} as a dict with tensors 'x' and 'y' ({e.__class__.__name__}: {e})") from e
-    return _tensor_split(f"tensors({path.name})", x.float() if x.dtype == torch.float64 else x, y.long(), cfg,
-                         standardize=False)
+    name = f"tensors({path.name})"
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise DataError(f"data=tensors: {path} must hold tensors under 'x' and 'y'")
+    if torch.is_floating_point(y):
+        raise DataError(f"{name}: labels must be integer class indices, got {y.dtype}; convert with y.long() "
+                        "after checking they are whole numbers")
+    return _tensor_split(name, x.float() if torch.is_floating_point(x) else x, y.long(), cfg, standardize=False)
 
 
 # --- image files (torchvision) -------------------------------------------------------------
