@@ -242,3 +242,30 @@ def test_every_recipe_composes_and_trains_a_few_steps(cli, recipe):
         for line in ("name: resnet50", "name: bf16", "lr: 0.5", "reference_batch_size: 1024",
                      "label_smoothing: 0.1", "weight_decay: 2.0e-05", "warmup_epochs: 5"):
             assert line in cfg, line
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches(cli):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["model=mlp", "trainer.max_steps=3000", "trainer.ckpt_every=1000", "trainer.eval_every=1000",
+              "logger.progress=lines", "logger.log_every=5"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainrun", "run_name=pre", *common], cwd=cli.dir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cli.dir / "runs/pre/metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    latest = (cli.dir / "runs/pre/checkpoints/latest").read_text().strip()
+    stopped = int(latest.split("_")[1])
+    assert 0 < stopped < 3000 and f"stopped at step {stopped}/3000" in out
+    cli("resume=runs/pre", *common)
+    cli("run_name=straight", *common)
+    assert sha_of(cli.dir / "runs/pre", 3000) == sha_of(cli.dir / "runs/straight", 3000)
