@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,7 @@ from trainrun.errors import ConfigError
 class ModelConfig:
     name: str = "mlp"  # registry key: `trainrun-models` lists them
     hidden_sizes: List[int] = field(default_factory=lambda: [256, 128])  # mlp
+    depth: int = 0  # mlp: if > 0, `depth` hidden layers all of width hidden_sizes[0] (deep-net studies)
     channels: List[int] = field(default_factory=lambda: [32, 64])  # cnn
     activation: str = "relu"  # mlp/cnn: relu | gelu | tanh | silu
     dropout: float = 0.0  # mlp/cnn: dropout before the classifier layers
@@ -29,36 +30,56 @@ class ModelConfig:
 
 @dataclass
 class InitConfig:
-    name: str = "default"  # default | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal | orthogonal | trunc_normal
-    std: float = 0.02  # trunc_normal
+    # default | xavier_uniform | xavier_normal | kaiming_uniform | kaiming_normal | orthogonal | trunc_normal
+    # | lsuv | gpt2 ; constant / zeros exist only to be refused with the symmetry explanation
+    name: str = "default"
+    std: float = 0.02  # trunc_normal / gpt2
+    value: float = 0.0  # constant (refused)
+    lsuv_target_var: float = 1.0  # lsuv: output variance each layer is scaled to
+    lsuv_tol: float = 0.01  # lsuv: stop when |var - target| < tol
+    lsuv_max_iters: int = 10  # lsuv: scaling iterations per layer
     zero_init_residual: bool = False  # zero the last norm of every residual branch (block starts as identity)
     zero_init_head: bool = False  # zero the classifier's weight and bias
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # sgd | adam | adamw
+    name: str = "adamw"  # sgd | adam | adamw | rmsprop | adagrad | nadam | radam | adafactor
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd
+    momentum: float = 0.9  # sgd, rmsprop
     nesterov: bool = False  # sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw/nadam/radam
     eps: float = 1e-8
+    alpha: float = 0.99  # rmsprop: smoothing constant of the squared-gradient average
+    decoupled_weight_decay: bool = False  # nadam/radam: AdamW-style decay
     no_decay_norm_bias: bool = True  # weight decay 0 on norm weights, biases and embeddings
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)  # glob on parameter names -> LR factor
     scale_lr_with_batch: bool = False  # linear scaling rule: lr * global_batch / reference_batch_size
     reference_batch_size: int = 256
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"  # constant | warmup_cosine | warmup_linear | step | multistep
+    # constant | warmup_cosine | warmup_linear | step | multistep | exponential | wsd | onecycle | polynomial | plateau
+    name: str = "constant"
     warmup_steps: int = 0  # at most one of the three warmup_* may be non-zero
     warmup_fraction: float = 0.0  # of the total optimizer steps
     warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0  # cosine/linear end at lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # cosine/linear/wsd/polynomial end at lr * min_lr_ratio
     step_size: int = 0  # step: multiply by gamma every step_size optimizer steps
     milestones: List[float] = field(default_factory=list)  # multistep: fractions of the total steps
-    gamma: float = 0.1
+    gamma: float = 0.1  # step/multistep factor; exponential: per-step factor
+    decay_fraction: float = 0.1  # wsd: the final fraction of the steps that decays
+    decay_type: str = "cosine"  # wsd: linear | cosine | 1-sqrt
+    power: float = 1.0  # polynomial
+    pct_start: float = 0.3  # onecycle: fraction of the steps spent increasing
+    div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: final lr = initial lr / final_div_factor
+    factor: float = 0.5  # plateau: LR factor on a plateau
+    patience: int = 3  # plateau: evaluations without improvement before reducing
+    threshold: float = 1e-4  # plateau: relative improvement that counts
+    cooldown: int = 0  # plateau: evaluations to wait after a reduction
 
 
 @dataclass
@@ -75,6 +96,32 @@ class RegularizationConfig:
     clip_grad_norm: Optional[float] = None  # clip by global L2 norm (the pre-clip norm is logged)
     clip_grad_value: Optional[float] = None  # clip each element to [-v, v]
     dropout: Optional[float] = None  # overrides model.dropout where the model has dropout
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0
+    class_weights: Optional[List[float]] = None  # one weight per class
+    balance_classes: bool = False  # class weights N / (K * n_c) from the training labels
+    mixup_alpha: float = 0.0  # > 0 enables MixUp (Beta(alpha, alpha))
+    cutmix_alpha: float = 0.0  # > 0 enables CutMix
+    mix_prob: float = 1.0  # probability a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: probability of CutMix rather than MixUp
+    random_erasing: float = 0.0  # probability a training image gets one erased rectangle
+    stochastic_depth: float = 0.0  # drop probability of the last residual block (linear in depth)
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation and saved in checkpoints
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) early on
+    early_stopping_patience: int = 0  # evaluations without improvement of checkpoint.monitor; 0 = off
+    early_stopping_min_delta: float = 0.0
+    restore_best: bool = True  # on early stop, load the best weights before the final checkpoint
+
+
+@dataclass
+class CurriculumConfig:
+    name: str = "off"  # off | loss | confidence | key | self_paced
+    order: str = "easy_first"  # easy_first | hard_first (anti-curriculum)
+    start_fraction: float = 0.2  # pacing: fraction = min(1, start + (1 - start) * epoch / pace_epochs)
+    pace_epochs: int = 0  # 0 = trainer.epochs
+    random_fraction: float = 0.0  # mixed: this share of each epoch is drawn at random from the rest
+    self_paced_threshold: float = 1.0  # self_paced: samples with loss below it are used
+    self_paced_growth: float = 1.3  # self_paced: threshold multiplier per epoch
 
 
 @dataclass
@@ -146,10 +193,11 @@ class TrainrunConfig:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
-    mode: str = "train"  # train | eval
+    mode: str = "train"  # train | eval | init_report
     resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it
@@ -161,11 +209,16 @@ def register_configs() -> None:
 
 
 CHOICES = {
-    "optimizer.name": ("sgd", "adam", "adamw"),
-    "schedule.name": ("constant", "warmup_cosine", "warmup_linear", "step", "multistep"),
+    "optimizer.name": ("sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adafactor"),
+    "schedule.name": ("constant", "warmup_cosine", "warmup_linear", "step", "multistep", "exponential", "wsd",
+                      "onecycle", "polynomial", "plateau"),
+    "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
+    "regularization.loss": ("ce", "focal"),
+    "curriculum.name": ("off", "loss", "confidence", "key", "self_paced"),
+    "curriculum.order": ("easy_first", "hard_first"),
     "precision.name": ("fp32", "fp16", "bf16"),
     "init.name": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-                  "orthogonal", "trunc_normal"),
+                  "orthogonal", "trunc_normal", "lsuv", "gpt2", "constant", "zeros"),
     "distillation.name": ("off",),
     "data.name": ("digits", "mnist5k", "synthetic", "tensors", "cifar10", "imagefolder"),
     "logger.name": ("console", "wandb"),
@@ -173,7 +226,7 @@ CHOICES = {
     "logger.mode": ("online", "offline", "disabled"),
     "checkpoint.monitor_mode": ("max", "min"),
     "determinism": ("off", "warn", "error"),
-    "mode": ("train", "eval"),
+    "mode": ("train", "eval", "init_report"),
     "model.activation": ("relu", "gelu", "tanh", "silu"),
 }
 
@@ -220,11 +273,17 @@ def validate(cfg: DictConfig) -> None:
                 "optimizer.reference_batch_size", "logger.log_every", "checkpoint.keep_last",
                 "regularization.clip_grad_norm", "regularization.clip_grad_value",
                 "data.image_size", "data.num_samples", "data.num_classes", "precision.init_scale",
-                "precision.growth_interval", "data.limit_train", "data.limit_val"):
+                "precision.growth_interval", "data.limit_train", "data.limit_val", "init.lsuv_target_var",
+                "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "schedule.power", "schedule.div_factor",
+                "schedule.final_div_factor", "optimizer.alpha", "curriculum.self_paced_threshold",
+                "curriculum.self_paced_growth"):
         positive(key)
     for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
                 "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
-                "schedule.step_size", "trainer.eval_every", "trainer.ckpt_every", "data.num_workers"):
+                "schedule.step_size", "trainer.eval_every", "trainer.ckpt_every", "data.num_workers",
+                "schedule.patience", "schedule.cooldown", "schedule.threshold", "regularization.focal_gamma",
+                "regularization.mixup_alpha", "regularization.cutmix_alpha", "regularization.early_stopping_patience",
+                "regularization.early_stopping_min_delta", "model.depth", "curriculum.pace_epochs"):
         positive(key, allow_zero=True)
 
     def unit(key: str, closed: bool = False) -> None:
@@ -233,8 +292,21 @@ def validate(cfg: DictConfig) -> None:
             fail(key, "must be in [0, 1]" if closed else "must be in [0, 1)")
 
     for key in ("regularization.label_smoothing", "data.val_fraction", "schedule.warmup_fraction",
-                "model.dropout", "regularization.dropout"):
+                "model.dropout", "regularization.dropout", "regularization.stochastic_depth",
+                "regularization.ema_decay", "schedule.factor", "curriculum.random_fraction"):
         unit(key)
+    for key in ("schedule.decay_fraction", "schedule.pct_start", "regularization.mix_prob",
+                "regularization.switch_prob", "regularization.random_erasing", "curriculum.start_fraction"):
+        unit(key, closed=True)
+    if cfg.init.name in ("constant", "zeros"):
+        fail("init.name", "a constant initialisation gives every unit of a layer the same output and the same "
+                          "gradient, so the units stay identical forever (the symmetry problem); use "
+                          "init=kaiming_normal for ReLU nets or init=xavier_uniform for tanh/linear ones")
+    weights = cfg.regularization.class_weights
+    if weights is not None and (not len(weights) or min(weights) < 0):
+        fail("regularization.class_weights", "must be one non-negative weight per class")
+    if weights is not None and cfg.regularization.balance_classes:
+        fail("regularization.balance_classes", "choose class_weights or balance_classes, not both")
     unit("schedule.min_lr_ratio", closed=True)
     unit("optimizer.momentum", closed=True)
     unit("schedule.gamma", closed=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from trainrun.data import BatchStream
 from trainrun.precision import PrecisionPolicy
+from trainrun.regularization import EMA, BatchAugment
 from trainrun.schedule import Schedule
 
 
@@ -29,6 +30,7 @@ class TrainState:
     best_metric: Optional[float] = None
     last_eval: Dict[str, float] = field(default_factory=dict)
     last_eval_step: int = -1
+    stopped_early: bool = False
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -48,6 +50,8 @@ class Trainer:
     accumulation: int = 1
     clip_norm: Optional[float] = None
     clip_value: Optional[float] = None
+    augment: Optional[BatchAugment] = None
+    ema: Optional[EMA] = None
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -70,15 +74,20 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     for _ in range(t.accumulation):
         x, y = next(batches)
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        target = y
+        if t.augment is not None:
+            x, target = t.augment(x, y)  # MixUp/CutMix give probability targets; accuracy uses the hard labels
         with t.precision.autocast():
             logits = t.model(x)
-        loss = t.loss_fn(logits.float(), y)  # the loss is always computed in fp32
+        loss = t.loss_fn(logits.float(), target)  # the loss is always computed in fp32
         t.precision.backward(loss / t.accumulation)
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == y).sum()
         n += len(y)
     norm = t.precision.step(t.optimizer, t.model.parameters(), clip_norm=t.clip_norm,
                             clip_value=t.clip_value, want_norm=want_norm)
+    if t.ema is not None:
+        t.ema.update()
     t.state.step += 1
     t.state.samples += n
     t.schedule.apply(t.optimizer, t.state.step)
@@ -86,6 +95,15 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     if norm is not None:
         out["grad_norm"] = norm
     return out
+
+
+def evaluate_all(t: Trainer) -> Dict[str, float]:
+    """val/* from the EMA weights when EMA is on (val_raw/* then holds the raw weights), else the raw weights."""
+    if t.ema is None:
+        return evaluate(t.model, t.val, t.precision, t.device)
+    raw = evaluate(t.model, t.val, t.precision, t.device)
+    return {**evaluate(t.ema.module, t.val, t.precision, t.device),
+            **{k.replace("val/", "val_raw/"): v for k, v in raw.items()}}
 
 
 @torch.no_grad()
@@ -148,7 +166,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         else:
             advance(step)
         if step % eval_every == 0 or step == t.total_steps:
-            metrics = evaluate(t.model, t.val, t.precision, t.device)
+            metrics = evaluate_all(t)
             t.state.last_eval = metrics
             on_eval(metrics)
             log(step, {"epoch": t.state.epoch, **metrics})

@@ -1,16 +1,213 @@
-"""Regularization: the training loss (with label smoothing) and the dropout setting.
+"""Regularization: losses (label smoothing, focal, class weights), MixUp/CutMix, random erasing,
+stochastic depth, EMA of weights, early stopping, and the dropout setting.
 
 Gradient clipping lives in the precision policy's step, where it must sit between unscale and step.
+All randomness here draws from the global torch RNG, which checkpoints capture and restore.
 """
 from __future__ import annotations
 
+import copy
+from typing import Dict, List, Optional
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from trainrun.errors import ConfigError
 
 
-def build_loss(cfg) -> nn.Module:
-    # torch's label smoothing is exactly y = (1 - eps) * onehot + eps / K.
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+# --- losses ----------------------------------------------------------------------------------
+
+def class_weights(cfg, train_labels: torch.Tensor, num_classes: int) -> Optional[torch.Tensor]:
+    """Explicit `class_weights`, or balanced weights N / (K * n_c) from the training labels."""
+    if cfg.class_weights is not None:
+        if len(cfg.class_weights) != num_classes:
+            raise ConfigError(f"regularization.class_weights has {len(cfg.class_weights)} entries but the data has "
+                              f"{num_classes} classes; give one weight per class")
+        return torch.tensor(list(cfg.class_weights), dtype=torch.float32)
+    if cfg.balance_classes:
+        counts = torch.bincount(train_labels.cpu(), minlength=num_classes).float()
+        if (counts == 0).any():
+            missing = (counts == 0).nonzero().flatten().tolist()[:5]
+            raise ConfigError(f"regularization.balance_classes: classes {missing} have no training samples; "
+                              "set regularization.class_weights explicitly")
+        return len(train_labels) / (num_classes * counts)
+    return None
+
+
+class FocalLoss(nn.Module):
+    """FL = -sum_c w_c y_c (1 - p_c)^gamma log p_c, mean over the batch (Lin et al. 2017).
+
+    Accepts class indices or probability targets (MixUp/CutMix); label smoothing as in torch's CE.
+    With gamma = 0 and no smoothing it equals cross-entropy.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        probs_t = F.one_hot(target, k).to(logits.dtype) if target.ndim == 1 else target
+        if self.label_smoothing:
+            probs_t = probs_t * (1 - self.label_smoothing) + self.label_smoothing / k
+        logp = F.log_softmax(logits, dim=1)
+        loss = -((1 - logp.exp()).pow(self.gamma) * logp * probs_t)
+        if self.weight is not None:
+            loss = loss * self.weight
+        return loss.sum(1).mean()
+
+
+def build_loss(cfg, weight: Optional[torch.Tensor] = None) -> nn.Module:
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing)
+    # torch's label smoothing is exactly y = (1 - eps) * onehot + eps / K, also for probability targets.
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
 def effective_dropout(reg_cfg, model_cfg) -> float:
     return model_cfg.dropout if reg_cfg.dropout is None else reg_cfg.dropout
+
+
+# --- batch augmentations ---------------------------------------------------------------------
+
+class BatchAugment:
+    """MixUp / CutMix (torchvision.transforms.v2 semantics: pair with the batch rolled by one, soft labels)
+    and per-sample random erasing. Returns (x, targets) where targets are class indices or probabilities."""
+
+    def __init__(self, cfg, num_classes: int):
+        from torchvision.transforms import v2
+
+        mixers = []
+        if cfg.cutmix_alpha > 0:
+            mixers.append((v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes), cfg.switch_prob))
+        if cfg.mixup_alpha > 0:
+            mixers.append((v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes), 1 - cfg.switch_prob))
+        self.mix = None
+        if len(mixers) == 1:
+            self.mix = mixers[0][0]
+        elif mixers:
+            self.mix = v2.RandomChoice([m for m, _ in mixers], p=[p for _, p in mixers])
+        self.mix_prob = cfg.mix_prob
+        self.erase = v2.RandomErasing(p=cfg.random_erasing, value=0) if cfg.random_erasing > 0 else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mix is not None or self.erase is not None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.erase is not None:
+            x = torch.stack([self.erase(img) for img in x])
+        if self.mix is not None and (self.mix_prob >= 1 or float(torch.rand(())) < self.mix_prob):
+            x, y = self.mix(x, y)
+        return x, y
+
+
+# --- stochastic depth ------------------------------------------------------------------------
+
+def stochastic_depth_rates(p: float, n: int) -> List[float]:
+    """Linear decay rule: block l of n drops its branch with probability p * l / n."""
+    return [p * i / n for i in range(1, n + 1)]
+
+
+def add_stochastic_depth(model: nn.Module, p: float) -> int:
+    """Drop each residual branch per sample with probability p * l / L for block l of L (Huang et al. 2016).
+
+    Implemented as forward hooks on the branch's last norm, so the state dict keys do not change.
+    Returns the number of blocks; raises if the model has no residual blocks.
+    """
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from torchvision.ops import stochastic_depth
+
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    if not blocks:
+        raise ConfigError("regularization.stochastic_depth needs a model with residual blocks (resnet18/resnet50); "
+                          "set it to 0 for this model")
+    for block, rate in zip(blocks, stochastic_depth_rates(p, len(blocks))):
+        last_norm = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        last_norm.register_forward_hook(
+            lambda mod, inp, out, rate=rate: stochastic_depth(out, rate, "row", training=mod.training))
+    return len(blocks)
+
+
+# --- EMA of weights --------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of the weights: ema = d * ema + (1 - d) * w after each optimizer step.
+
+    With warmup, d_t = min(decay, (1 + t) / (10 + t)) so early averages are not dominated by the init.
+    Float buffers (BatchNorm statistics) are averaged too; integer buffers are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self._pairs(model)
+
+    def _pairs(self, model: nn.Module) -> None:
+        ema_state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
+        src_state = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.float_pairs = [(ema_state[k], v) for k, v in src_state.items() if v.is_floating_point()]
+        self.other_pairs = [(ema_state[k], v) for k, v in src_state.items() if not v.is_floating_point()]
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.current_decay()
+        torch._foreach_lerp_([e for e, _ in self.float_pairs], [s.detach() for _, s in self.float_pairs], 1.0 - d)
+        for e, s in self.other_pairs:
+            e.copy_(s)
+        self.updates += 1
+
+    def state_dict(self) -> Dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+# --- early stopping --------------------------------------------------------------------------
+
+class EarlyStopping:
+    """Stop after `patience` evaluations without an improvement larger than `min_delta`; keeps the best weights."""
+
+    def __init__(self, patience: int, min_delta: float, mode: str, keep_best_weights: bool):
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.keep_best_weights = keep_best_weights
+        self.best: Optional[float] = None
+        self.best_step = -1
+        self.bad_evals = 0
+        self.best_weights: Optional[Dict[str, torch.Tensor]] = None
+
+    def improved(self, value: float) -> bool:
+        if value is None or value != value:
+            return False
+        if self.best is None:
+            return True
+        return value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
+
+    def step(self, value: Optional[float], step: int, model: nn.Module) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if self.improved(value):
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            if self.keep_best_weights:
+                self.best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad_evals += 1
+        return self.bad_evals >= self.patience
+
+    def state_dict(self) -> Dict:
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "best_weights": self.best_weights}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+        self.best_weights = state["best_weights"]

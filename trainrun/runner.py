@@ -6,6 +6,8 @@ resume checkpoint, config compatibility, data) is checked before the first train
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import logging
 import secrets
 import signal
@@ -20,14 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from trainrun import checkpoint, provenance
 from trainrun.config import validate
 from trainrun.data import BatchStream, build_split
+from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
 from trainrun.init import apply_init
 from trainrun.logging import RunLogger, trim_metrics
-from trainrun.loop import Trainer, TrainState, evaluate, fit
+from trainrun.loop import Trainer, TrainState, evaluate_all, fit
 from trainrun.models import build_model
 from trainrun.optim import apply_hparams, build_optimizer
 from trainrun.precision import PrecisionPolicy
-from trainrun.regularization import build_loss, effective_dropout
+from trainrun.regularization import (EMA, BatchAugment, EarlyStopping, add_stochastic_depth, build_loss,
+                                     class_weights, effective_dropout)
 from trainrun.schedule import Schedule
 from trainrun.seed import capture_rng_state, restore_rng_state, seed_everything, set_determinism
 
@@ -138,7 +142,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     split = build_split(cfg.data)
     model = build_model(cfg.model, split.input_shape, split.num_classes,
                         effective_dropout(cfg.regularization, cfg.model))
-    apply_init(model, cfg.init, cfg.model.activation)
+    init_batch = split.train.x[: cfg.data.batch_size] if hasattr(split.train, "x") else None
+    apply_init(model, cfg.init, cfg.model.activation, batch=init_batch)
+    reg = cfg.regularization
+    if reg.stochastic_depth > 0:
+        add_stochastic_depth(model, reg.stochastic_depth)
     model.to(device)
     if device.type == "cuda" and hasattr(split.train, "x"):  # small in-memory sets live on the GPU
         for ds in (split.train, split.val):
@@ -156,15 +164,47 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     steps_per_epoch = max(1, train.batches_per_epoch // acc)
     total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
 
+    curriculum = Curriculum(cfg.curriculum, len(split.train), max(1, math.ceil(total / steps_per_epoch) - 1),
+                            cfg.seed, getattr(split.train, "difficulty", None))
+
     optimizer = build_optimizer(model, cfg.optimizer, global_batch)
-    schedule = Schedule(cfg.schedule, total, steps_per_epoch)
+    schedule = Schedule(cfg.schedule, total, steps_per_epoch, monitor_mode=cfg.checkpoint.monitor_mode)
     precision = PrecisionPolicy(cfg.precision, device)
-    trainer = Trainer(model, optimizer, schedule, precision, build_loss(cfg.regularization), train, val, device,
-                      total, acc, cfg.regularization.clip_grad_norm, cfg.regularization.clip_grad_value)
+    weights = class_weights(reg, split.train.y, split.num_classes)
+    loss_fn = build_loss(reg, weights).to(device)
+    augment = BatchAugment(reg, split.num_classes)
+    ema = EMA(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay > 0 else None
+    early = EarlyStopping(reg.early_stopping_patience, reg.early_stopping_min_delta, cfg.checkpoint.monitor_mode,
+                          reg.restore_best) if reg.early_stopping_patience > 0 else None
+    trainer = Trainer(model, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
+                      reg.clip_grad_norm, reg.clip_grad_value, augment if augment.enabled else None, ema)
+    if curriculum.enabled:
+        def curriculum_order(epoch: int):
+            # Scores come from the model at the start of the epoch; a mid-epoch resume reuses the saved ones.
+            scores = None
+            if curriculum.needs_scores and not curriculum.has_scores(epoch):
+                scores = score_samples(model, split.train, curriculum.score_kind, precision, device,
+                                       cfg.data.eval_batch_size)
+            return curriculum.epoch_order(epoch, scores)
+
+        train.order_fn = curriculum_order
+
+    if cfg.mode == "init_report":
+        from trainrun.diagnostics import activation_report, render_activation_report
+
+        x = next(train.iter_epoch(0))[0].to(device)
+        rows = activation_report(model, x)
+        (run_dir / "init_report.json").write_text(json.dumps(rows, indent=2))
+        render_activation_report(rows, RunLogger(cfg.logger, run_dir, total, 0, resolved, None).console,
+                                 title=f"activations at init: model={cfg.model.name} init={cfg.init.name}")
+        return {"layers": len(rows), "last_var": rows[-1]["var"] if rows else float("nan")}
 
     if cfg.mode == "eval":
         model.load_state_dict(resumed[1]["model"])
-        metrics = evaluate(model, val, precision, device)
+        if "ema" in resumed[1]:
+            trainer.ema = trainer.ema or EMA(model, 0.0)
+            trainer.ema.load_state_dict(resumed[1]["ema"])
+        metrics = evaluate_all(trainer)
         RunLogger(cfg.logger, run_dir, total, 0, resolved, None).summary(
             f"eval of {resumed[0]}", {"step": resumed[2]["step"], **metrics})
         return metrics
@@ -180,6 +220,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
                               "checkpoint's optimizer settings or start a new run") from e
         apply_hparams(optimizer, cfg.optimizer, global_batch)  # a changed LR/decay takes effect
         precision.load_state_dict(st["scaler"])
+        schedule.load_state_dict(st["schedule"])
+        for name, part in (("ema", ema), ("early_stopping", early),
+                           ("curriculum", curriculum if curriculum.enabled else None)):
+            if part is not None and name in st:
+                part.load_state_dict(st[name])
+            elif part is not None:
+                log.warning("resume: the checkpoint has no %s state; %s starts afresh", name, name)
         trainer.state = TrainState(**st["trainer"])
         restore_rng_state(st["rng"])
         parent_sha, wall_before, wandb_id = meta["sha256"], meta.get("wall_time_s", 0.0), meta.get("wandb_id")
@@ -210,8 +257,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     def on_eval(metrics: Dict[str, float]) -> None:
         trainer.state.last_eval_step = trainer.state.step
         value = metrics.get(monitor)
+        schedule.on_eval(value)
         if value is not None and checkpoint.is_better(value, trainer.state.best_metric, mode):
             trainer.state.best_metric = value
+        if early is not None and early.step(value, trainer.state.step, model):
+            trainer.state.stopped_early = True
+            logger.print(f"early stopping at step {trainer.state.step}: no {monitor} improvement over "
+                         f"{early.min_delta} for {early.patience} evaluations (best {early.best} at step {early.best_step})")
+            if early.best_weights is not None:
+                model.load_state_dict(early.best_weights)
+                if ema is not None:  # the best evaluation was of the EMA weights
+                    ema.module.load_state_dict(early.best_weights)
+                trainer.state.last_eval = evaluate_all(trainer)
+                logger.print(f"restored the best weights (step {early.best_step})")
 
     def save() -> None:
         s = trainer.state
@@ -226,6 +284,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             "rng": capture_rng_state(),
             "data": {"seed": cfg.seed, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
         }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        if early is not None:
+            state["early_stopping"] = early.state_dict()
+        if curriculum.enabled:
+            state["curriculum"] = curriculum.state_dict()
         meta = {
             "run_dir": str(run_dir.resolve()),
             "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "total_steps": total, "seed": cfg.seed,
@@ -248,17 +312,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
 
     exit_code = 1
     try:
-        if trainer.state.step >= total:
+        already_done = trainer.state.step >= total or trainer.state.stopped_early
+        if already_done:
             logger.print(f"run already complete at step {trainer.state.step}/{total}; nothing to do")
         with _StopFlag() as stop:
-            fit(trainer, log_every=cfg.logger.log_every, eval_every=cfg.trainer.eval_every or steps_per_epoch,
+            already_done or fit(trainer, log_every=cfg.logger.log_every, eval_every=cfg.trainer.eval_every or steps_per_epoch,
                 ckpt_every=cfg.trainer.ckpt_every or steps_per_epoch, stop_at=stop_at, log=logger.log,
-                on_eval=on_eval, save=save, advance=logger.advance, should_stop=lambda: stop.requested)
+                on_eval=on_eval, save=save, advance=logger.advance,
+                should_stop=lambda: stop.requested or trainer.state.stopped_early)
         final = {"step": trainer.state.step, **trainer.state.last_eval}
         if trainer.state.best_metric is not None:
             final[f"best {monitor}"] = trainer.state.best_metric
         final["wall_time_s"] = round(time.perf_counter() - t0, 2)
-        done = trainer.state.step >= total
+        done = trainer.state.step >= total or trainer.state.stopped_early
         logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
                        f"(checkpointed; resume={run_dir} continues)", final)
         exit_code = 0

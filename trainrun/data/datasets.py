@@ -20,6 +20,7 @@ from trainrun.errors import DataError
 class TensorSet:
     x: torch.Tensor  # float32 [N, C, H, W]
     y: torch.Tensor  # int64 [N]
+    difficulty: Optional[torch.Tensor] = None  # per-sample difficulty provided by the data (curriculum=key)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -73,13 +74,17 @@ def _standardize(train_x: torch.Tensor, val_x: torch.Tensor) -> Tuple[torch.Tens
     return (train_x - mean) / std, (val_x - mean) / std
 
 
-def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize: bool = True) -> Split:
+def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize: bool = True,
+                  difficulty: Optional[torch.Tensor] = None) -> Split:
     check_tensor_data(name, x, y)
+    if difficulty is not None and (difficulty.ndim != 1 or len(difficulty) != len(y)):
+        raise DataError(f"{name}: 'difficulty' has shape {tuple(difficulty.shape)}; it needs one value per sample")
     tr, va = _random_split(len(y), cfg.val_fraction, cfg.split_seed)
     xtr, xva = x[tr], x[va]
     if standardize:
         xtr, xva = _standardize(xtr, xva)
-    train, val = TensorSet(xtr.contiguous(), y[tr]), TensorSet(xva.contiguous(), y[va])
+    train = TensorSet(xtr.contiguous(), y[tr], None if difficulty is None else difficulty[tr].float())
+    val = TensorSet(xva.contiguous(), y[va])
     num_classes = int(y.max()) + 1
     return Split(train, val, num_classes, tuple(x.shape[1:]), _hash_tensors(x, y, tr, va),
                  f"{name}: {len(train)} train / {len(val)} val, {num_classes} classes, input {tuple(x.shape[1:])}")
@@ -148,7 +153,9 @@ def load_tensor_file_set(cfg) -> Split:
     if torch.is_floating_point(y):
         raise DataError(f"{name}: labels must be integer class indices, got {y.dtype}; convert with y.long() "
                         "after checking they are whole numbers")
-    return _tensor_split(name, x.float() if torch.is_floating_point(x) else x, y.long(), cfg, standardize=False)
+    difficulty = obj.get("difficulty")
+    return _tensor_split(name, x.float() if torch.is_floating_point(x) else x, y.long(), cfg, standardize=False,
+                         difficulty=difficulty)
 
 
 # --- image files (torchvision) -------------------------------------------------------------
@@ -250,7 +257,7 @@ def limit(ds, n: Optional[int]):
     if n is None or n >= len(ds):
         return ds
     if isinstance(ds, TensorSet):
-        return TensorSet(ds.x[:n], ds.y[:n])
+        return TensorSet(ds.x[:n], ds.y[:n], None if ds.difficulty is None else ds.difficulty[:n])
     return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets)
 
 

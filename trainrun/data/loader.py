@@ -7,7 +7,7 @@ same sample gets the same augmentation whatever the worker count or resume point
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -38,10 +38,13 @@ class BatchStream:
         self.ds, self.batch_size, self.seed = ds, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.order_fn: Optional[Callable[[int], torch.Tensor]] = None  # a curriculum's epoch order, if any
         n = len(ds)
         self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
 
     def order(self, epoch: int) -> torch.Tensor:
+        if self.order_fn is not None:
+            return self.order_fn(epoch)
         n = len(self.ds)
         if not self.shuffle:
             return torch.arange(n)
