@@ -122,7 +122,7 @@ def test_branching_from_an_older_checkpoint_never_overwrites(cli):
     (["+optimizer.lrr=0.1"], "unknown config key 'optimizer.lrr'"),
     (["optimizer.lr=abc"], "optimizer.lr"),
     (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: must be > 0"),
-    (["optimizer=adamx"], "unknown option optimizer=adamx: choose one of adam, adamw, sgd"),
+    (["optimizer=adamx"], "unknown option optimizer=adamx: choose one of adafactor, adagrad, adam, adamw, nadam"),
     (["+recipe=nope"], "unknown option recipe=nope"),
     (["resume=runs/missing"], "resume=runs/missing: no checkpoint there"),
     (["data=tensors", "data.root=missing.pt"], "not found"),

@@ -212,7 +212,7 @@ def run_dir_of(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir).resolve().parent.parent
 
 
-def candidates(spec: str, output_root: Path, run_name: Optional[str] = None) -> List[Path]:
+def candidates(spec: str, output_root: Path, run_name: Optional[str] = None, key: str = "resume") -> List[Path]:
     """Checkpoint dirs a resume spec points to, best first (the newest valid one wins for run dirs)."""
     p = Path(spec)
     if spec == "latest":
@@ -224,8 +224,8 @@ def candidates(spec: str, output_root: Path, run_name: Optional[str] = None) -> 
                           key=lambda d: (d / "checkpoints" / "latest").stat().st_mtime, reverse=True)[:1] \
                 if root.is_dir() else []
         if not runs or not list_checkpoints(runs[0]):
-            raise CheckpointError(f"resume=latest: no run with checkpoints under {root}/; "
-                                  "pass the run directory explicitly (resume=runs/NAME)")
+            raise CheckpointError(f"{key}=latest: no run with checkpoints under {root}/; "
+                                  f"pass the run directory explicitly ({key}=runs/NAME)")
         p = runs[0]
     if (p / STATE).is_file() or (p / META).is_file():
         return [p]
@@ -235,8 +235,8 @@ def candidates(spec: str, output_root: Path, run_name: Optional[str] = None) -> 
         ordered = ([latest] if latest else []) + [c for c in reversed(ckpts) if c != latest]
         if ordered:
             return ordered
-    raise CheckpointError(f"resume={spec}: no checkpoint there; pass a run directory, a checkpoints/step_* "
-                          "directory, or resume=latest")
+    raise CheckpointError(f"{key}={spec}: no checkpoint there; pass a run directory, a checkpoints/step_* "
+                          f"directory, or {key}=latest")
 
 
 def is_latest(ckpt_dir: Path) -> bool:

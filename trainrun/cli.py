@@ -137,6 +137,10 @@ def preflight(overrides) -> None:
         with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
             cfg = compose("config", overrides=list(overrides))
         validate(cfg)
+        if cfg.distillation.name in ("response", "feature"):
+            from trainrun import checkpoint
+
+            checkpoint.candidates(cfg.distillation.teacher, Path(cfg.output_root), key="distillation.teacher")
         if cfg.resume and cfg.mode == "train":
             from trainrun import checkpoint
 
@@ -166,11 +170,28 @@ def main() -> None:
 
 def list_recipes_main() -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="trainrun recipes (trainrun +recipe=NAME)", show_lines=True)
     table.add_column("recipe", style="bold")
     table.add_column("what it reproduces / measured here")
     for name, header in recipe_headers().items():
-        table.add_row(name, header)
+        table.add_row(name, escape(header))
+    Console().print(table)
+
+
+def list_models_main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rich.markup import escape
+
+    from trainrun.models import describe_models
+
+    table = Table(title="trainrun models (trainrun model=NAME)")
+    table.add_column("model", style="bold")
+    table.add_column("what it is")
+    for name, doc in describe_models().items():
+        table.add_row(name, escape(doc))
     Console().print(table)

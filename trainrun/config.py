@@ -26,6 +26,11 @@ class ModelConfig:
     activation: str = "relu"  # mlp/cnn: relu | gelu | tanh | silu
     dropout: float = 0.0  # mlp/cnn: dropout before the classifier layers
     small_input: bool = True  # resnets: 3x3 stride-1 stem and no max-pool (inputs <= 64 px)
+    patch_size: int = 4  # vit
+    width: int = 192  # vit: embedding width (ViT-Tiny: 192)
+    layers: int = 12  # vit: transformer blocks
+    heads: int = 3  # vit: attention heads
+    mlp_ratio: float = 4.0  # vit: MLP hidden = width * mlp_ratio
 
 
 @dataclass
@@ -126,10 +131,13 @@ class CurriculumConfig:
 
 @dataclass
 class DistillationConfig:
-    name: str = "off"  # off (the technique arrives with the distillation issue)
-    teacher: Optional[str] = None
+    name: str = "off"  # off | response | feature | self (teacher = the student's EMA)
+    teacher: Optional[str] = None  # teacher run dir or checkpoint dir (SHA256-verified, weights_only)
+    teacher_weights: str = "auto"  # auto (EMA if the checkpoint has it) | model | ema
     temperature: float = 4.0
-    alpha: float = 0.5
+    alpha: float = 0.5  # weight of the soft-target term; (1 - alpha) on the task loss
+    feature_pairs: List[str] = field(default_factory=list)  # feature/hint KD: ["student_layer:teacher_layer", ...]
+    feature_weight: float = 1.0  # weight of the hint (MSE) terms
 
 
 @dataclass
@@ -219,7 +227,8 @@ CHOICES = {
     "precision.name": ("fp32", "fp16", "bf16"),
     "init.name": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
                   "orthogonal", "trunc_normal", "lsuv", "gpt2", "constant", "zeros"),
-    "distillation.name": ("off",),
+    "distillation.name": ("off", "response", "feature", "self"),
+    "distillation.teacher_weights": ("auto", "model", "ema"),
     "data.name": ("digits", "mnist5k", "synthetic", "tensors", "cifar10", "imagefolder"),
     "logger.name": ("console", "wandb"),
     "logger.progress": ("auto", "bar", "lines", "off"),
@@ -243,7 +252,8 @@ def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:
         if key not in schema:
             where = f" in {prefix[:-1]}" if prefix else ""
             raise ConfigError(f"unknown config key '{prefix}{key}': valid keys{where} are {', '.join(schema.keys())}")
-        _check_known_keys(node[key], schema[key], f"{prefix}{key}.")
+        if OmegaConf.get_type(schema, key) is not dict:  # free-form maps (lr_multipliers) take any key
+            _check_known_keys(node[key], schema[key], f"{prefix}{key}.")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -276,14 +286,16 @@ def validate(cfg: DictConfig) -> None:
                 "precision.growth_interval", "data.limit_train", "data.limit_val", "init.lsuv_target_var",
                 "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "schedule.power", "schedule.div_factor",
                 "schedule.final_div_factor", "optimizer.alpha", "curriculum.self_paced_threshold",
-                "curriculum.self_paced_growth"):
+                "curriculum.self_paced_growth", "distillation.temperature", "model.patch_size", "model.width",
+                "model.layers", "model.heads", "model.mlp_ratio"):
         positive(key)
     for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
                 "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
                 "schedule.step_size", "trainer.eval_every", "trainer.ckpt_every", "data.num_workers",
                 "schedule.patience", "schedule.cooldown", "schedule.threshold", "regularization.focal_gamma",
                 "regularization.mixup_alpha", "regularization.cutmix_alpha", "regularization.early_stopping_patience",
-                "regularization.early_stopping_min_delta", "model.depth", "curriculum.pace_epochs"):
+                "regularization.early_stopping_min_delta", "model.depth", "curriculum.pace_epochs",
+                "distillation.feature_weight"):
         positive(key, allow_zero=True)
 
     def unit(key: str, closed: bool = False) -> None:
@@ -308,6 +320,14 @@ def validate(cfg: DictConfig) -> None:
     if weights is not None and cfg.regularization.balance_classes:
         fail("regularization.balance_classes", "choose class_weights or balance_classes, not both")
     unit("schedule.min_lr_ratio", closed=True)
+    unit("distillation.alpha", closed=True)
+    dist = cfg.distillation
+    if dist.name in ("response", "feature") and not dist.teacher:
+        fail("distillation.teacher", f"distillation={dist.name} needs a teacher: distillation.teacher=RUN_DIR "
+                                     "(a trainrun run or checkpoint directory)")
+    if dist.name == "self" and cfg.regularization.ema_decay <= 0:
+        fail("distillation.name", "self-distillation uses the student's EMA as teacher: set "
+                                  "regularization.ema_decay (e.g. 0.999)")
     unit("optimizer.momentum", closed=True)
     unit("schedule.gamma", closed=True)
 
@@ -317,6 +337,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.optimizer.nesterov and cfg.optimizer.name == "sgd" and cfg.optimizer.momentum == 0:
         fail("optimizer.nesterov", "Nesterov needs optimizer.momentum > 0")
     warmups = [k for k in ("warmup_steps", "warmup_fraction", "warmup_epochs") if cfg.schedule[k]]
+    if cfg.schedule.name == "onecycle" and warmups:
+        fail(f"schedule.{warmups[0]}", "schedule=onecycle has its own warmup (schedule.pct_start); set "
+                                       f"schedule.{warmups[0]}=0")
     if len(warmups) > 1:
         fail(f"schedule.{warmups[1]}", f"set only one of schedule.{warmups[0]} / schedule.{warmups[1]}")
     if cfg.schedule.name == "step" and cfg.schedule.step_size <= 0:

@@ -1,12 +1,21 @@
 """Weight initialisation schemes, applied after the model is built and before the optimizer sees it."""
 from __future__ import annotations
 
+import logging
 import math
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
 from trainrun.errors import ConfigError
+
+log = logging.getLogger("trainrun")
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_SYMMETRY = ("a constant initialisation gives every unit of a layer the same output and the same gradient, so the "
+             "units stay identical forever (the symmetry problem); use init=kaiming_normal for ReLU nets or "
+             "init=xavier_uniform for tanh/linear ones")
 
 _GAIN_NONLINEARITY = {"relu": "relu", "gelu": "relu", "silu": "relu", "tanh": "tanh"}
 
@@ -15,11 +24,26 @@ def _weighted_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
 
-def apply_init(model: nn.Module, cfg, activation: str = "relu") -> nn.Module:
-    """Re-initialise Linear/Conv weights (biases to 0) by `cfg.name`; `default` keeps torch's init."""
+def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Tensor = None) -> nn.Module:
+    """Re-initialise the model by `cfg.name`; `default` keeps torch's init.
+
+    xavier_*/kaiming_*/orthogonal/trunc_normal re-draw Linear/Conv weights (biases 0); lsuv calibrates them on
+    `batch` (needed; None for image-file datasets); gpt2 re-draws Linear/Embedding weights and resets norms.
+    constant/zeros are refused (symmetry). zero_init_residual / zero_init_head apply after the scheme.
+    """
     nonlinearity = _GAIN_NONLINEARITY.get(activation, "relu")
+    if cfg.name in ("constant", "zeros"):
+        raise ConfigError(f"init.name={cfg.name!r}: {_SYMMETRY}")
+    if cfg.name == "lsuv" and batch is None:
+        raise ConfigError("init=lsuv needs an in-memory dataset batch to measure layer outputs (data=digits, "
+                          "mnist5k, synthetic or tensors); choose another init (e.g. init=kaiming_normal) for "
+                          "image-file datasets")
     with torch.no_grad():
-        if cfg.name != "default":
+        if cfg.name == "lsuv":
+            lsuv_init(model, batch, target_var=cfg.lsuv_target_var, tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters)
+        elif cfg.name == "gpt2":
+            gpt2_init(model, std=cfg.std)
+        elif cfg.name != "default":
             for m in _weighted_layers(model):
                 w = m.weight
                 if cfg.name == "xavier_uniform":
@@ -49,6 +73,123 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu") -> nn.Module:
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
     return model
+
+
+class _StopForward(Exception):
+    """Raised from a forward hook once the layer being calibrated has produced its output."""
+
+
+def _forward_order(model: nn.Module, batch: torch.Tensor, layers: List[nn.Module]) -> List[nn.Module]:
+    """`layers` in the order the forward pass first calls them (layers the forward never calls are left out)."""
+    order: List[nn.Module] = []
+    seen = set()
+
+    def hook(mod, inp, out):
+        if id(mod) not in seen:
+            seen.add(id(mod))
+            order.append(mod)
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _output_var(model: nn.Module, batch: torch.Tensor, layer: nn.Module) -> float:
+    """Population variance of `layer`'s output on `batch`; the forward stops right after that layer."""
+    got: Dict[str, float] = {}
+
+    def hook(mod, inp, out):
+        got["var"] = out.detach().double().var(unbiased=False).item()
+        raise _StopForward
+
+    h = layer.register_forward_hook(hook)
+    try:
+        model(batch)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    return got["var"]
+
+
+def lsuv_init(model: nn.Module, batch: torch.Tensor, target_var: float = 1.0, tol: float = 0.01,
+              max_iters: int = 10) -> Dict[str, float]:
+    """Layer-sequential unit-variance init (Mishkin & Matas 2016).
+
+    Orthogonal init of every Linear/Conv weight (biases 0), then, layer by layer in forward order, rescale the
+    weight by sqrt(target / var) until the variance of that layer's output on `batch` is within `tol` of
+    `target_var` (at most `max_iters` rescalings per layer). Runs in eval mode (dropout off, BatchNorm running
+    statistics untouched) under no_grad and restores each module's train/eval flag. A BatchNorm after a conv
+    renormalises in training anyway; the conv outputs are still scaled. Returns {layer name: final variance}.
+    """
+    layers = _weighted_layers(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    flags = [(m, m.training) for m in model.modules()]
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        batch = batch.to(device=ref.device, dtype=ref.dtype if torch.is_floating_point(batch) else batch.dtype)
+    result: Dict[str, float] = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for m in layers:
+                nn.init.orthogonal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            for m in _forward_order(model, batch, layers):
+                var = _output_var(model, batch, m)
+                for _ in range(max_iters):
+                    if abs(var - target_var) < tol or not math.isfinite(var) or var <= 0:
+                        break
+                    m.weight.mul_(math.sqrt(target_var / var))
+                    var = _output_var(model, batch, m)
+                if abs(var - target_var) >= tol:
+                    log.warning("init=lsuv: layer %s reached output variance %.4g (target %g) after %d iterations",
+                                names.get(id(m), type(m).__name__), var, target_var, max_iters)
+                result[names.get(id(m), type(m).__name__)] = var
+    finally:
+        for mod, flag in flags:
+            mod.training = flag
+    return result
+
+
+def gpt2_init(model: nn.Module, std: float = 0.02) -> int:
+    """GPT-2 init: N(0, std) for every Linear/Embedding weight, biases 0, norms weight 1 / bias 0; the weights of
+    modules marked `_residual_projection = True` get std / sqrt(2 N), N = model.num_layers if the model has it,
+    else the number of marked modules. Returns N (0 when nothing is marked)."""
+    marked = [m for m in model.modules() if getattr(m, "_residual_projection", False)]
+    n_layers = int(getattr(model, "num_layers", 0) or len(marked))
+    if not marked:
+        log.warning("init=gpt2: no module carries _residual_projection=True; every weight uses std %g", std)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, _NORMS) or "norm" in type(m).__name__.lower():
+            if getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    if marked and n_layers > 0:
+        scaled = std / math.sqrt(2 * n_layers)
+        for m in marked:
+            w = getattr(m, "weight", None)
+            if isinstance(w, torch.Tensor):
+                nn.init.normal_(w, mean=0.0, std=scaled)
+            else:  # a marked container: its own Linear weights are the residual projection
+                for sub in m.modules():
+                    if isinstance(sub, nn.Linear):
+                        nn.init.normal_(sub.weight, mean=0.0, std=scaled)
+    return n_layers if marked else 0
 
 
 def zero_init_residual(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainrun.data import BatchStream
+from trainrun.distill import Distiller
 from trainrun.precision import PrecisionPolicy
 from trainrun.regularization import EMA, BatchAugment
 from trainrun.schedule import Schedule
@@ -52,6 +53,7 @@ class Trainer:
     clip_value: Optional[float] = None
     augment: Optional[BatchAugment] = None
     ema: Optional[EMA] = None
+    distill: Optional[Distiller] = None
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -79,7 +81,10 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
             x, target = t.augment(x, y)  # MixUp/CutMix give probability targets; accuracy uses the hard labels
         with t.precision.autocast():
             logits = t.model(x)
-        loss = t.loss_fn(logits.float(), target)  # the loss is always computed in fp32
+        if t.distill is not None:
+            loss, _ = t.distill.loss(x, logits, target, t.loss_fn, t.precision.autocast)
+        else:
+            loss = t.loss_fn(logits.float(), target)  # the loss is always computed in fp32
         t.precision.backward(loss / t.accumulation)
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == y).sum()

@@ -1,12 +1,28 @@
-"""Optimizer factory and parameter groups (no weight decay on norms, biases and embeddings)."""
+"""Optimizer factory and parameter groups (no weight decay on norms, biases and embeddings; per-group LR factors).
+
+Groups are split by (decayed?, matched `optimizer.lr_multipliers` pattern). The split depends on which
+parameters are decayed and which pattern each name matches, never on the weight-decay or multiplier VALUES,
+so a resume may change either and still load the checkpoint's optimizer state. Every group carries:
+  name     "decay" / "no_decay" / "all", with "[pattern]" appended for a multiplier group
+  decay    whether `optimizer.weight_decay` applies to it
+  lr_pattern / lr_mult   the glob that claimed the group (None: no pattern) and its LR factor
+`apply_hparams` writes the config's hyperparameters into every group (base_lr = effective lr * lr_mult); the
+schedule then sets lr = base_lr * multiplier(step).
+"""
 from __future__ import annotations
 
-from typing import Dict, List
+import math
+from fnmatch import fnmatchcase
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
+from trainrun.errors import ConfigError
+
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adafactor")
 
 
 def no_decay_names(model: nn.Module) -> set:
@@ -27,41 +43,105 @@ def effective_lr(cfg, global_batch: int) -> float:
     return cfg.lr
 
 
+def _multipliers(cfg) -> Dict[str, float]:
+    raw = getattr(cfg, "lr_multipliers", None) or {}
+    out = {}
+    for pattern, factor in raw.items():
+        try:
+            f = float(factor)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not math.isfinite(f) or f < 0:
+            raise ConfigError(f"optimizer.lr_multipliers[{pattern!r}]={factor!r}: must be a finite number >= 0 "
+                              "(the factor on the LR of the parameters whose names match the glob)")
+        out[str(pattern)] = f
+    return out
+
+
+def match_multiplier(name: str, multipliers: Dict[str, float]) -> Optional[str]:
+    """The first pattern (in config order) whose fnmatch glob matches the parameter name, or None."""
+    for pattern in multipliers:
+        if fnmatchcase(name, pattern):
+            return pattern
+    return None
+
+
 def param_groups(model: nn.Module, cfg) -> List[Dict]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # The split does not depend on the decay value, so a resume may change weight_decay freely.
-    if not cfg.no_decay_norm_bias:
-        return [{"params": [p for _, p in params], "name": "all", "decay": True}]
-    skip = no_decay_names(model)
-    decay = [p for n, p in params if n not in skip]
-    no_decay = [p for n, p in params if n in skip]
-    return [g for g in ({"params": decay, "name": "decay", "decay": True},
-                        {"params": no_decay, "name": "no_decay", "decay": False}) if g["params"]]
+    names = [n for n, _ in params]
+    mults = _multipliers(cfg)
+    for pattern in mults:
+        if not any(fnmatchcase(n, pattern) for n in names):
+            examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ConfigError(f"optimizer.lr_multipliers: pattern {pattern!r} matches no parameter; parameter "
+                              f"names look like {examples} (fnmatch globs, e.g. 'fc.*')")
+    # The split does not depend on the decay (or multiplier) value, so a resume may change them freely.
+    skip = no_decay_names(model) if cfg.no_decay_norm_bias else set()
+    groups: Dict[tuple, Dict] = {}
+    for n, p in params:
+        decay = n not in skip
+        pattern = match_multiplier(n, mults)
+        key = (decay, pattern)
+        if key not in groups:
+            base = "all" if not cfg.no_decay_norm_bias else ("decay" if decay else "no_decay")
+            groups[key] = {"params": [], "name": base if pattern is None else f"{base}[{pattern}]",
+                           "decay": decay, "lr_pattern": pattern,
+                           "lr_mult": 1.0 if pattern is None else mults[pattern]}
+        groups[key]["params"].append(p)
+    # Unscaled groups first (param_groups[0] is the one the logs and the run header show), decayed before
+    # not decayed, then in order of first appearance: stable across runs of the same model and config.
+    return sorted(groups.values(), key=lambda g: (g["lr_pattern"] is not None, not g["decay"]))
 
 
 def apply_hparams(optimizer: torch.optim.Optimizer, cfg, global_batch: int) -> None:
     """Write the config's hyperparameters into every group (also after loading a checkpoint's state)."""
     lr = effective_lr(cfg, global_batch)
+    mults = _multipliers(cfg)
     for g in optimizer.param_groups:
-        g["base_lr"] = lr
-        g["lr"] = lr
+        pattern = g.get("lr_pattern")
+        mult = mults.get(pattern, 1.0) if pattern is not None else 1.0
+        g["lr_mult"] = mult
+        g["base_lr"] = lr * mult
+        g["lr"] = lr * mult
         g["weight_decay"] = cfg.weight_decay if g.get("decay", True) else 0.0
         if cfg.name == "sgd":
             g["momentum"], g["nesterov"] = cfg.momentum, cfg.nesterov
-        else:
+        elif cfg.name in ("adam", "adamw"):
             g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
+        elif cfg.name in ("nadam", "radam"):
+            g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
+            g["decoupled_weight_decay"] = bool(cfg.decoupled_weight_decay)
+        elif cfg.name == "rmsprop":
+            g["alpha"], g["momentum"], g["eps"] = cfg.alpha, cfg.momentum, cfg.eps
+        elif cfg.name == "adagrad":
+            g["eps"] = cfg.eps
+        # adafactor: lr and weight_decay only; beta2_decay, eps=(None, 1e-3) and d stay torch's defaults
 
 
 def build_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     lr = effective_lr(cfg, global_batch)
+    wd = cfg.weight_decay
+    betas = tuple(cfg.betas)
     if cfg.name == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     elif cfg.name == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        opt = torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps)
     elif cfg.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps)
+    elif cfg.name == "rmsprop":
+        opt = torch.optim.RMSprop(groups, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum)
+    elif cfg.name == "adagrad":
+        opt = torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps)
+    elif cfg.name == "nadam":
+        opt = torch.optim.NAdam(groups, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd,
+                                decoupled_weight_decay=bool(cfg.decoupled_weight_decay))
+    elif cfg.name == "radam":
+        opt = torch.optim.RAdam(groups, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd,
+                                decoupled_weight_decay=bool(cfg.decoupled_weight_decay))
+    elif cfg.name == "adafactor":
+        opt = torch.optim.Adafactor(groups, lr=lr, weight_decay=wd)
     else:
-        raise ValueError(cfg.name)
+        raise ConfigError(f"optimizer.name={cfg.name!r}: must be one of {', '.join(OPTIMIZERS)}")
     apply_hparams(opt, cfg, global_batch)
     return opt

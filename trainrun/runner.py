@@ -21,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainrun import checkpoint, provenance
 from trainrun.config import validate
-from trainrun.data import BatchStream, build_split
+from trainrun.data import BatchStream, build_split, sample_inputs
+from trainrun.distill import Distiller, load_teacher
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
 from trainrun.init import apply_init
-from trainrun.logging import RunLogger, trim_metrics
+from trainrun.logging import RunLogger, console, trim_metrics
 from trainrun.loop import Trainer, TrainState, evaluate_all, fit
 from trainrun.models import build_model
 from trainrun.optim import apply_hparams, build_optimizer
@@ -82,6 +83,20 @@ def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
                 raise
             errors.append(str(e))
     raise CheckpointError(errors[0] if len(errors) == 1 else f"no valid checkpoint for resume={spec}: {errors[0]}")
+
+
+def build_distiller(cfg, model, ema, split, device) -> Distiller:
+    d = cfg.distillation
+    if d.name == "self":
+        teacher, info = ema.module, {"self": "EMA of the student", "ema_decay": cfg.regularization.ema_decay}
+    else:
+        teacher, info = load_teacher(d.teacher, split.input_shape, split.num_classes, d.teacher_weights,
+                                     cfg.output_root)
+        teacher.to(device)
+        if info["data_fingerprint"] not in (None, split.fingerprint):
+            log.warning("the teacher was trained on other data (fingerprint %s, student data %s)",
+                        info["data_fingerprint"][:12], split.fingerprint[:12])
+    return Distiller(d, model, teacher, sample_inputs(split.train, 8).to(device), info).to(device)
 
 
 def pick_device(name: str) -> torch.device:
@@ -142,8 +157,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     split = build_split(cfg.data)
     model = build_model(cfg.model, split.input_shape, split.num_classes,
                         effective_dropout(cfg.regularization, cfg.model))
-    init_batch = split.train.x[: cfg.data.batch_size] if hasattr(split.train, "x") else None
-    apply_init(model, cfg.init, cfg.model.activation, batch=init_batch)
+    apply_init(model, cfg.init, cfg.model.activation, batch=sample_inputs(split.train, cfg.data.batch_size))
     reg = cfg.regularization
     if reg.stochastic_depth > 0:
         add_stochastic_depth(model, reg.stochastic_depth)
@@ -178,6 +192,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
                           reg.restore_best) if reg.early_stopping_patience > 0 else None
     trainer = Trainer(model, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
                       reg.clip_grad_norm, reg.clip_grad_value, augment if augment.enabled else None, ema)
+    if cfg.distillation.name != "off":
+        trainer.distill = build_distiller(cfg, model, ema, split, device)
+        if len(trainer.distill.proj):
+            optimizer.add_param_group({"params": list(trainer.distill.proj.parameters()), "name": "distill_proj",
+                                       "decay": True})
+            apply_hparams(optimizer, cfg.optimizer, global_batch)
     if curriculum.enabled:
         def curriculum_order(epoch: int):
             # Scores come from the model at the start of the epoch; a mid-epoch resume reuses the saved ones.
@@ -195,8 +215,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         x = next(train.iter_epoch(0))[0].to(device)
         rows = activation_report(model, x)
         (run_dir / "init_report.json").write_text(json.dumps(rows, indent=2))
-        render_activation_report(rows, RunLogger(cfg.logger, run_dir, total, 0, resolved, None).console,
-                                 title=f"activations at init: model={cfg.model.name} init={cfg.init.name}")
+        render_activation_report(rows, console(), title=f"activations at init: model={cfg.model.name} init={cfg.init.name}")
         return {"layers": len(rows), "last_var": rows[-1]["var"] if rows else float("nan")}
 
     if cfg.mode == "eval":
@@ -222,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         precision.load_state_dict(st["scaler"])
         schedule.load_state_dict(st["schedule"])
         for name, part in (("ema", ema), ("early_stopping", early),
-                           ("curriculum", curriculum if curriculum.enabled else None)):
+                           ("curriculum", curriculum if curriculum.enabled else None), ("distill", trainer.distill)):
             if part is not None and name in st:
                 part.load_state_dict(st[name])
             elif part is not None:
@@ -290,6 +309,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             state["early_stopping"] = early.state_dict()
         if curriculum.enabled:
             state["curriculum"] = curriculum.state_dict()
+        if trainer.distill is not None:
+            state["distill"] = trainer.distill.state_dict()
         meta = {
             "run_dir": str(run_dir.resolve()),
             "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "total_steps": total, "seed": cfg.seed,
@@ -303,6 +324,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             "wall_time_s": round(wall_before + time.perf_counter() - train_start, 3),
             "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "wandb_id": wandb_id,
+            "teacher": trainer.distill.teacher_info if trainer.distill is not None else None,
             **env,
         }
         metric = s.last_eval.get(monitor) if s.last_eval_step == s.step else None

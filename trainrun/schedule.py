@@ -1,16 +1,42 @@
-"""Learning-rate schedules as pure functions of the optimizer step.
+"""Learning-rate schedules as functions of the optimizer step.
 
 `multiplier(t)` is the factor on the base LR used by optimizer step t (t = steps already taken),
 with the same conventions as the `transformers` schedule functions (warmup starts at 0 and
-reaches the base LR at t = warmup). Because the LR is a pure function of t, a resumed run
-recomputes it exactly and a changed base LR on resume simply takes effect.
+reaches the base LR at t = warmup). Every step-driven schedule is a pure function of t, so a
+resumed run recomputes it exactly and a changed base LR on resume simply takes effect.
+
+Each schedule equals a reference implementation, checked step by step in tests/test_schedules.py:
+
+- constant: transformers `get_constant_schedule_with_warmup`
+- warmup_cosine: transformers `get_cosine_schedule_with_warmup`, or with min_lr_ratio > 0
+  `get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=min_lr_ratio)`
+- warmup_linear: transformers `get_linear_schedule_with_warmup` (min_lr_ratio r: r + (1 - r) * its factor)
+- polynomial: transformers `get_polynomial_decay_schedule_with_warmup(lr_end=lr * min_lr_ratio, power=power)`
+- wsd: transformers `get_wsd_schedule` with decay steps = round(decay_fraction * total), decay_type
+- step / multistep: torch `StepLR` / `MultiStepLR` (milestones are fractions of the run)
+- exponential: torch `ExponentialLR`, gamma ** t
+  (step, multistep, exponential: a warmup, if any, replaces the first steps; t counts from 0 regardless)
+- onecycle: torch `OneCycleLR` (anneal 'cos', two phases, max_lr = the base LR; the LR only, momentum untouched)
+- plateau: torch `ReduceLROnPlateau` (threshold_mode 'rel') on `checkpoint.monitor`, times the linear warmup
+
+Where the references differ past the end of the run (t > total), these schedules hold their end
+value (transformers' cosine rises again, OneCycleLR raises): a shortened resumed run stays sane.
+
+`plateau` is the one stateful schedule: `on_eval(value)` updates its counters, `state_dict()` carries
+them (plain ints/floats, loadable with `torch.load(weights_only=True)`), and a reduction takes effect
+on the very next optimizer step, as `ReduceLROnPlateau.step(metric)` after validation does.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from trainrun.errors import ConfigError
+
+WARMUP_KEYS = ("warmup_steps", "warmup_fraction", "warmup_epochs")
+PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: smaller reductions are ignored (here in units of the base LR)
 
 
 def resolve_warmup(cfg, total_steps: int, steps_per_epoch: int) -> int:
@@ -26,13 +52,45 @@ def resolve_warmup(cfg, total_steps: int, steps_per_epoch: int) -> int:
 
 
 class Schedule:
-    def __init__(self, cfg, total_steps: int, steps_per_epoch: int):
+    def __init__(self, cfg, total_steps: int, steps_per_epoch: int, monitor_mode: str = "max"):
         self.name, self.total = cfg.name, max(1, total_steps)
         self.warmup = resolve_warmup(cfg, total_steps, steps_per_epoch)
         self.min_ratio, self.gamma, self.step_size = cfg.min_lr_ratio, cfg.gamma, cfg.step_size
         self.milestones = [int(round(f * self.total)) for f in cfg.milestones]
+        # wsd
+        self.decay_steps = int(round(cfg.decay_fraction * self.total))
+        self.decay_type = cfg.decay_type
+        # polynomial
+        self.power = cfg.power
+        # onecycle
+        self.pct_start, self.div_factor, self.final_div_factor = cfg.pct_start, cfg.div_factor, cfg.final_div_factor
+        if self.name == "onecycle":
+            for key in WARMUP_KEYS:
+                if getattr(cfg, key):
+                    raise ConfigError(f"schedule.{key}={getattr(cfg, key)!r}: schedule=onecycle has its own warmup "
+                                      f"(the first schedule.pct_start of the run rises from lr/div_factor to lr); "
+                                      f"set schedule.{key}=0")
+        # plateau
+        if monitor_mode not in ("max", "min"):
+            raise ConfigError(f"checkpoint.monitor_mode={monitor_mode!r}: must be max or min")
+        self.mode = monitor_mode
+        self.factor, self.patience = cfg.factor, cfg.patience
+        self.threshold, self.cooldown = cfg.threshold, cfg.cooldown
+        self.best = -math.inf if self.mode == "max" else math.inf
+        self.num_bad_evals = 0
+        self.cooldown_counter = 0
+        self.scale = 1.0  # the plateau factor on the LR: factor ** reductions, floored at min_lr_ratio
+        self._applied: Optional[Tuple[torch.optim.Optimizer, int]] = None  # last apply(), re-applied on a reduction
+
+    # ----- the LR as a function of the step -----------------------------------------------------------------
 
     def multiplier(self, t: int) -> float:
+        if self.name == "onecycle":
+            return self._onecycle(t)
+        if self.name == "wsd":
+            return self._wsd(t)
+        if self.name == "plateau":
+            return (t / max(1, self.warmup) if t < self.warmup else 1.0) * self.scale
         if t < self.warmup:
             return t / max(1, self.warmup)
         if self.name == "constant":
@@ -41,19 +99,125 @@ class Schedule:
             return self.gamma ** (t // self.step_size)
         if self.name == "multistep":
             return self.gamma ** sum(1 for m in self.milestones if t >= m)
+        if self.name == "exponential":
+            return self.gamma ** t
+        if self.name == "polynomial":
+            return self._polynomial(t)
         progress = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
         if self.name == "warmup_cosine":
             return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.name == "warmup_linear":
-            return self.min_ratio + (1 - self.min_ratio) * (1.0 - progress)
+        if self.name == "warmup_linear":  # transformers' form, (T - t) / (T - W), is bitwise what LambdaLR sees
+            linear = max(0.0, float(self.total - t) / float(max(1, self.total - self.warmup)))
+            return self.min_ratio + (1 - self.min_ratio) * linear
         raise ValueError(self.name)
+
+    def _polynomial(self, t: int) -> float:
+        """transformers' lambda with lr_init = 1 and lr_end = min_lr_ratio.
+
+        transformers divides (lr_range * pct ** power + lr_end) by lr_init; with lr_end = lr_init * min_lr_ratio that
+        ratio is (1 - r) * pct ** power + r for any lr_init (and for every param group, since LambdaLR applies the
+        one lambda to each group's own initial LR), so the multiplier is independent of the base LR.
+        """
+        r = self.min_ratio
+        if t >= self.total:  # transformers: t > T returns lr_end / lr_init; t == T gives the same value
+            return r
+        pct_remaining = 1 - (t - self.warmup) / (self.total - self.warmup)  # t < T here, so T > warmup
+        return (1.0 - r) * pct_remaining ** self.power + r
+
+    def _wsd(self, t: int) -> float:
+        """transformers' `_get_wsd_scheduler_lambda` (warmup_type linear, num_cycles 0.5), line for line."""
+        w, d, r = self.warmup, self.decay_steps, self.min_ratio
+        stable = self.total - w - d
+        if t < w:  # note: WSD warms up from min_lr_ratio, not from 0
+            return max(0.0, float(t) / float(max(1, w)) * (1.0 - r) + r)
+        if t < w + stable:
+            return 1.0
+        if t < w + stable + d:
+            progress = float(t - w - stable) / float(max(1, d))
+            if self.decay_type == "linear":
+                f = 1.0 - progress
+            elif self.decay_type == "cosine":
+                f = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+            elif self.decay_type == "1-sqrt":
+                f = 1.0 - math.sqrt(progress)
+            else:
+                raise ValueError(self.decay_type)
+            return max(0.0, f * (1.0 - r) + r)
+        return float(r)
+
+    def _onecycle(self, t: int) -> float:
+        """torch OneCycleLR.get_lr (three_phase=False, anneal 'cos') with max_lr = 1, at last_epoch = t."""
+        t = min(t, self.total)  # OneCycleLR raises past total_steps; hold the value it has at total_steps
+        initial = 1.0 / self.div_factor
+        phases = ((float(self.pct_start * self.total) - 1, initial, 1.0),
+                  (self.total - 1, 1.0, initial / self.final_div_factor))
+        start_step = 0.0
+        for i, (end_step, start_lr, end_lr) in enumerate(phases):
+            if t <= end_step or i == len(phases) - 1:
+                span = end_step - start_step
+                pct = (t - start_step) / span if span else 1.0  # torch divides by zero here (a 1-step phase)
+                return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
+            start_step = end_step
+        raise AssertionError("unreachable")
 
     def apply(self, optimizer: torch.optim.Optimizer, t: int) -> float:
         """Set every group's LR for optimizer step t; returns the multiplier."""
         m = self.multiplier(t)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * m
+        self._applied = (optimizer, t)
         return m
 
+    # ----- metric-driven: plateau ---------------------------------------------------------------------------
+
+    def _is_better(self, value: float) -> bool:
+        # threshold_mode='rel' exactly as ReduceLROnPlateau; NaN compares False, so it never improves
+        if self.mode == "min":
+            return value < self.best * (1.0 - self.threshold)
+        return value > self.best * (self.threshold + 1.0)
+
+    def on_eval(self, value: Any) -> None:
+        """Metric-driven schedules (plateau) react to each evaluation of the monitored metric.
+
+        ReduceLROnPlateau.step semantics; a missing (None) or NaN value counts as no improvement. A reduction is
+        applied to the optimizer last passed to `apply()` at once, so it holds from the next optimizer step.
+        """
+        if self.name != "plateau":
+            return
+        current = math.nan if value is None else float(value)
+        if self._is_better(current):
+            self.best = current
+            self.num_bad_evals = 0
+        else:
+            self.num_bad_evals += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_evals = 0  # bad evaluations during the cooldown are ignored
+        if self.num_bad_evals > self.patience:
+            new = max(self.scale * self.factor, self.min_ratio)
+            if self.scale - new > PLATEAU_EPS:
+                self.scale = new
+                if self._applied is not None:
+                    self.apply(*self._applied)
+            self.cooldown_counter = self.cooldown
+            self.num_bad_evals = 0
+
+    # ----- checkpoint state ---------------------------------------------------------------------------------
+
     def state_dict(self) -> Dict:
-        return {"name": self.name, "total": self.total, "warmup": self.warmup}
+        state: Dict[str, Any] = {"name": self.name, "total": self.total, "warmup": self.warmup}
+        if self.name == "plateau":
+            state.update(mode=self.mode, best=float(self.best), num_bad_evals=int(self.num_bad_evals),
+                         cooldown_counter=int(self.cooldown_counter), scale=float(self.scale))
+        return state
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Step-driven schedules are pure functions of the step: nothing to restore. Plateau restores its counters
+        (when the checkpoint was written by a plateau schedule with the same monitor mode; otherwise it starts fresh).
+        """
+        if self.name != "plateau" or state.get("name") != "plateau" or state.get("mode", self.mode) != self.mode:
+            return
+        self.best = float(state["best"])
+        self.num_bad_evals = int(state["num_bad_evals"])
+        self.cooldown_counter = int(state["cooldown_counter"])
+        self.scale = float(state["scale"])

@@ -1,5 +1,5 @@
 """Datasets and deterministic, resumable batching."""
-from trainrun.data.datasets import LOADERS, FileSet, Split, TensorSet, build_split, check_tensor_data
+from trainrun.data.datasets import LOADERS, FileSet, Split, TensorSet, build_split, check_tensor_data, sample_inputs
 from trainrun.data.loader import BatchStream
 
-__all__ = ["LOADERS", "FileSet", "Split", "TensorSet", "build_split", "check_tensor_data", "BatchStream"]
+__all__ = ["LOADERS", "FileSet", "Split", "TensorSet", "build_split", "check_tensor_data", "sample_inputs", "BatchStream"]

@@ -261,6 +261,13 @@ def limit(ds, n: Optional[int]):
     return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets)
 
 
+def sample_inputs(ds, n: int) -> torch.Tensor:
+    """The first n training inputs, unaugmented: for data-driven init (LSUV) and shape probes."""
+    if isinstance(ds, TensorSet):
+        return ds.x[:n]
+    return torch.stack([ds.load(i, 0)[0] for i in range(min(n, len(ds)))])
+
+
 def build_split(cfg) -> Split:
     split = LOADERS[cfg.name](cfg)
     split.train, split.val = limit(split.train, cfg.limit_train), limit(split.val, cfg.limit_val)

@@ -7,12 +7,14 @@ import torch.nn as nn
 
 from trainrun.models.resnet import resnet18, resnet50
 from trainrun.models.small import cnn, mlp
+from trainrun.models.vit import vit
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "cnn": cnn,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "vit": vit,
 }
 
 

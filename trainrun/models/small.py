@@ -3,16 +3,25 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from trainrun.errors import ConfigError
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 def mlp(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
-    """MLP: flatten -> [Linear -> act -> dropout] x len(hidden_sizes) -> Linear."""
+    """MLP: flatten -> [Linear -> act -> dropout] x len(hidden_sizes) (or x depth) -> Linear."""
     layers = [nn.Flatten()]
     width = 1
     for s in input_shape:
         width *= s
-    for h in cfg.hidden_sizes:
+    sizes = list(cfg.hidden_sizes)
+    depth = int(getattr(cfg, "depth", 0) or 0)
+    if depth > 0:
+        if not sizes:
+            raise ConfigError(f"model.depth={depth}: needs model.hidden_sizes to give the width, e.g. "
+                              "model.hidden_sizes=[256]")
+        sizes = [sizes[0]] * depth
+    for h in sizes:
         layers += [nn.Linear(width, h), ACTIVATIONS[cfg.activation]()]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))

@@ -1,0 +1,24 @@
+"""Vision Transformers from torchvision's VisionTransformer, sized for small images."""
+from __future__ import annotations
+
+import torch.nn as nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from trainrun.errors import ConfigError
+
+
+def vit(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
+    """ViT (torchvision VisionTransformer): patch_size, width, layers, heads, mlp_ratio from model.*."""
+    c, h, w = input_shape
+    p = cfg.patch_size
+    if h != w or h % p:
+        raise ConfigError(f"model.patch_size={p}: a ViT needs square inputs divisible by the patch size, "
+                          f"got {h}x{w}; change model.patch_size or data.image_size")
+    if cfg.width % cfg.heads:
+        raise ConfigError(f"model.width={cfg.width} must be divisible by model.heads={cfg.heads}")
+    model = VisionTransformer(image_size=h, patch_size=p, num_layers=cfg.layers, num_heads=cfg.heads,
+                              hidden_dim=cfg.width, mlp_dim=int(cfg.width * cfg.mlp_ratio), dropout=dropout,
+                              num_classes=num_classes)
+    if c != 3:
+        model.conv_proj = nn.Conv2d(c, cfg.width, kernel_size=p, stride=p)
+    return model
