@@ -76,9 +76,15 @@ def _run_dir(mode: str, resume: Optional[str], output_root: str, run_name: Optio
     return str(Path(output_root) / (run_name or _now()))
 
 
+def _sweep_dir(sweep_name: Optional[str]) -> str:
+    return str(Path("multirun") / (sweep_name or _now()))
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("trainrun_run_dir"):
         OmegaConf.register_new_resolver("trainrun_run_dir", _run_dir)
+    if not OmegaConf.has_resolver("trainrun_sweep_dir"):  # cached: every job of a sweep shares one directory
+        OmegaConf.register_new_resolver("trainrun_sweep_dir", _sweep_dir, use_cache=True)
 
 
 def setup() -> None:
@@ -87,15 +93,66 @@ def setup() -> None:
     _register_resolvers()
 
 
+_FAILED_JOBS = []  # multirun jobs that failed in this process (the sweep goes on; the exit code says so)
+
+
 def _task(cfg: DictConfig):
+    from hydra.types import RunMode
+
     from trainrun.runner import run
 
     hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    if hc.mode != RunMode.MULTIRUN:
+        try:
+            final = run(cfg, run_dir, overrides)
+        except TrainrunError as e:
+            sys.stdout.flush()
+            _fail(str(e))
+        return final.get(f"best {cfg.checkpoint.monitor}", final.get(cfg.checkpoint.monitor))
+    return _sweep_job(cfg, run_dir, overrides, run)
+
+
+def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
+    """One job of a sweep: skip it if done, resume it if interrupted, record its result either way."""
+    import time
+    import traceback
+
+    from trainrun import checkpoint, sweep
+
+    done = sweep.read_result(run_dir)
+    if done and done.get("status") == "completed" and done.get("overrides") == overrides:
+        print(f"trainrun: sweep job {run_dir.name} already completed; skipped", flush=True)
+        return done.get("best", (done.get("metrics") or {}).get(cfg.checkpoint.monitor))
+    if not cfg.resume and checkpoint.list_checkpoints(run_dir):
+        cfg.resume = str(run_dir)  # an interrupted job of this sweep continues from its latest checkpoint
+    if cfg.logger.group is None:
+        cfg.logger.group = run_dir.parent.name  # wandb groups a sweep's runs under the sweep's name
+    (run_dir / "job_label.txt").write_text(" ".join(overrides) + "\n")
+    t0 = time.perf_counter()
     try:
-        return run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
-    except TrainrunError as e:
-        sys.stdout.flush()
-        _fail(str(e))
+        final = run(cfg, run_dir, overrides)
+    except Exception as e:  # noqa: BLE001  (record any failure; the remaining jobs still run)
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, TrainrunError):
+            line = f"{type(e).__name__}: {line}"
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+        print(f"trainrun: error: sweep job {run_dir.name} failed: {line}", file=sys.stderr, flush=True)
+        sweep.write_result(run_dir, status="failed", error=line, overrides=overrides,
+                           wall_time_s=round(time.perf_counter() - t0, 2))
+        _FAILED_JOBS.append(run_dir.name)
+        return None
+    monitor = cfg.checkpoint.monitor
+    metrics = {k: v for k, v in final.items() if k.startswith(("val", "val_raw"))}
+    best = final.get(f"best {monitor}")
+    sweep.write_result(run_dir, status="completed" if final.get("finished") else "interrupted", error=None, overrides=overrides, metrics=metrics, best=best,
+                       step=final.get("step"), seed=cfg.seed, wall_time_s=final.get("wall_time_s"))
+    if not final.get("finished") and not cfg.trainer.stop_at_step:  # SIGTERM/Ctrl-C: end the sweep, resumable
+        print(f"trainrun: sweep stopped by a signal during job {run_dir.name}; re-run the same command to "
+              "continue", file=sys.stderr, flush=True)
+        sys.exit(143)
+    return best if best is not None else metrics.get(monitor)
 
 
 def _one_line(e: BaseException) -> str:
@@ -166,6 +223,10 @@ def main() -> None:
     if not any(a.split("=")[0] in hydra_flags for a in args):
         preflight([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
     hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
+    if _FAILED_JOBS:
+        print(f"trainrun: {len(_FAILED_JOBS)} sweep job(s) failed: {', '.join(_FAILED_JOBS)} "
+              "(see summary.csv in the sweep directory)", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def list_recipes_main() -> None:

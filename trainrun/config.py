@@ -210,6 +210,7 @@ class TrainrunConfig:
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it
     run_name: Optional[str] = None  # fixed run directory name (default: a timestamp)
+    sweep_name: Optional[str] = None  # multirun: fixed sweep directory multirun/NAME (re-runs skip finished jobs)
 
 
 def register_configs() -> None:

@@ -47,11 +47,33 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def print_metrics(con: Console, title: str, metrics: Dict[str, Any]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, _fmt(v))
+    con.print(table)
+
+
 class RunLogger:
     def __init__(self, cfg, run_dir: Path, total_steps: int, start_step: int, config: Dict[str, Any],
                  wandb_id: Optional[str]):
         self.cfg, self.run_dir, self.total = cfg, Path(run_dir), total_steps
         self.console = console()
+        # wandb first: its import patches sys.stdout/sys.stderr.write to capture the console (output.log), so it
+        # must see the real streams, not the proxies a running rich progress bar puts in their place (the capture
+        # would be lost once the bar stops); and a failing wandb.init then leaves no bar or open file behind.
+        self.wandb = None
+        self.wandb_id = wandb_id
+        if cfg.name == "wandb":
+            import wandb  # deferred: only runs that ask for wandb pay its import
+
+            # The same id on every resume continues the same wandb run (offline: one offline-run-*-ID folder per
+            # invocation, all synced into one run); steps are trainrun's global optimizer steps.
+            self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir),
+                                    id=wandb_id, resume="allow", config=config, group=cfg.group,
+                                    name=self.run_dir.name)
         self.file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
         mode = cfg.progress
         if mode == "auto":
@@ -64,14 +86,6 @@ class RunLogger:
                                      TextColumn("{task.fields[info]}"), console=self.console, transient=False)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()
-        self.wandb = None
-        self.wandb_id = wandb_id
-        if cfg.name == "wandb":
-            import wandb  # deferred: only runs that ask for wandb pay its import
-
-            self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir),
-                                    id=wandb_id, resume="allow", config=config, group=cfg.group,
-                                    name=self.run_dir.name)
 
     def print(self, *args, **kw) -> None:
         self.console.print(*args, **kw)
@@ -95,15 +109,9 @@ class RunLogger:
 
     def summary(self, title: str, metrics: Dict[str, Any]) -> None:
         self.stop_progress()
-        table = Table(title=title)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in metrics.items():
-            table.add_row(k, _fmt(v))
-        self.console.print(table)
+        print_metrics(self.console, title, metrics)
         if self.wandb is not None:
-            for k, v in metrics.items():
-                self.wandb.summary[k] = v
+            self.wandb.summary.update(dict(metrics))
 
     def stop_progress(self) -> None:
         if self.progress is not None:
@@ -111,9 +119,15 @@ class RunLogger:
             self.progress = None
 
     def close(self, exit_code: int = 0) -> None:
-        self.stop_progress()
-        self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=exit_code)
-            self.wandb = None
-        sys.stdout.flush()
+        """Called from the runner's `finally`: the wandb run is finished (with the exit code) on every path."""
+        try:
+            self.stop_progress()
+            self.file.close()
+        finally:
+            run, self.wandb = self.wandb, None
+            if run is not None:
+                try:
+                    run.finish(exit_code=exit_code)
+                except Exception as e:  # never mask the run's own error with a logging one
+                    self.console.print(f"[yellow]warning:[/] wandb.finish failed: {e}")
+            sys.stdout.flush()

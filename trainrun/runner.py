@@ -26,7 +26,7 @@ from trainrun.distill import Distiller, load_teacher
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
 from trainrun.init import apply_init
-from trainrun.logging import RunLogger, console, trim_metrics
+from trainrun.logging import RunLogger, console, print_metrics, trim_metrics
 from trainrun.loop import Trainer, TrainState, evaluate_all, fit
 from trainrun.models import build_model
 from trainrun.optim import apply_hparams, build_optimizer
@@ -40,7 +40,7 @@ log = logging.getLogger("trainrun")
 
 # Sections whose change makes a checkpoint unusable, and keys that never matter for a resume.
 REFUSE_ON_CHANGE = ("model", "precision")
-IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name")
+IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name", "sweep_name")
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -144,6 +144,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             for k, a, b in check_resume_compatible(meta["config"]["resolved"], resolved):
                 log.warning("resume with a changed config: %s %r -> %r", k, a, b)
         resumed = (ckpt_dir, state_dict, meta)
+        if cfg.mode == "eval":  # evaluate the checkpoint as it was trained: its model, data and precision
+            trained = meta["config"]["resolved"]
+            for section in ("model", "data", "precision"):
+                cfg[section] = OmegaConf.merge(cfg[section], trained[section])
+            resolved = OmegaConf.to_container(cfg, resolve=True)
     elif cfg.mode == "eval":
         raise ConfigError("mode=eval needs a checkpoint: resume=<run dir or checkpoint dir>")
     elif checkpoint.list_checkpoints(run_dir):
@@ -224,9 +229,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             trainer.ema = trainer.ema or EMA(model, 0.0)
             trainer.ema.load_state_dict(resumed[1]["ema"])
         metrics = evaluate_all(trainer)
-        RunLogger(cfg.logger, run_dir, total, 0, resolved, None).summary(
-            f"eval of {resumed[0]}", {"step": resumed[2]["step"], **metrics})
-        return metrics
+        (run_dir / "eval.json").write_text(json.dumps({"checkpoint": str(resumed[0]), "sha256": resumed[2]["sha256"],
+                                                       "step": resumed[2]["step"], **metrics}, indent=2))
+        print_metrics(console(), f"eval of {resumed[0]}", {"step": resumed[2]["step"], **metrics})
+        return {**metrics, "finished": True}
 
     parent_sha, wall_before, wandb_id = None, 0.0, None
     if resumed:
@@ -338,10 +344,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         if already_done:
             logger.print(f"run already complete at step {trainer.state.step}/{total}; nothing to do")
         with _StopFlag() as stop:
-            already_done or fit(trainer, log_every=cfg.logger.log_every, eval_every=cfg.trainer.eval_every or steps_per_epoch,
-                ckpt_every=cfg.trainer.ckpt_every or steps_per_epoch, stop_at=stop_at, log=logger.log,
-                on_eval=on_eval, save=save, advance=logger.advance,
-                should_stop=lambda: stop.requested or trainer.state.stopped_early)
+            already_done or fit(trainer, log_every=cfg.logger.log_every,
+                                eval_every=cfg.trainer.eval_every or steps_per_epoch,
+                                ckpt_every=cfg.trainer.ckpt_every or steps_per_epoch, stop_at=stop_at,
+                                log=logger.log, on_eval=on_eval, save=save, advance=logger.advance,
+                                should_stop=lambda: stop.requested or trainer.state.stopped_early)
         final = {"step": trainer.state.step, **trainer.state.last_eval}
         if trainer.state.best_metric is not None:
             final[f"best {monitor}"] = trainer.state.best_metric
@@ -350,6 +357,6 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
                        f"(checkpointed; resume={run_dir} continues)", final)
         exit_code = 0
-        return final
+        return {**final, "finished": done}
     finally:
         logger.close(exit_code)

@@ -1,0 +1,142 @@
+"""Sweeps (Hydra multirun): one result file per job, and a summary of the whole sweep.
+
+Each job writes `result.json` into its directory when it ends, completed or failed. When the sweep ends,
+`SweepSummary` (a Hydra callback) collects them into `summary.json`, `summary.csv` and a console table, with
+jobs that differ only in `seed` grouped into mean ± std. Re-running the same sweep (same `sweep_name`)
+skips completed jobs and resumes unfinished ones from their latest checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+RESULT_FILE = "result.json"
+
+
+def write_result(job_dir: Path, **fields: Any) -> None:
+    path = Path(job_dir) / RESULT_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(fields, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_result(job_dir: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((Path(job_dir) / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _varying(jobs: List[Dict[str, Any]]) -> List[str]:
+    """The override keys whose values differ between jobs (or are missing in some): what the sweep is about."""
+    per_job = [dict(o.partition("=")[::2] for o in j.get("overrides", [])) for j in jobs]
+    keys = {k for d in per_job for k in d}
+    return [k for k in sorted(keys) if len({d.get(k) for d in per_job}) > 1]
+
+
+def _label(overrides: List[str], keys: List[str], drop_seed: bool = False) -> str:
+    keep = [o for o in overrides if o.partition("=")[0] in keys
+            and not (drop_seed and o.lstrip("+~").startswith("seed="))]
+    return " ".join(keep) or "(defaults)"
+
+
+def _mean_std(values: List[float]) -> Dict[str, Any]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarize(sweep_dir: Path, monitor: str = "val/acc") -> Dict[str, Any]:
+    """Collect every job's result.json under sweep_dir (jobs without one are reported as unfinished)."""
+    sweep_dir = Path(sweep_dir)
+    jobs = []
+    for d in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "plots"))):
+        r = read_result(d)
+        if r is None:
+            if (d / "metrics.jsonl").exists() or (d / "checkpoints").exists():
+                jobs.append({"job": d.name, "status": "unfinished", "overrides": [], "error": None})
+            continue
+        jobs.append({"job": d.name, **r})
+    keys = _varying(jobs)
+    for j in jobs:
+        j["label"] = _label(j.get("overrides", []), keys)
+    groups: Dict[str, Dict[str, Any]] = {}
+    for j in jobs:
+        g = groups.setdefault(_label(j.get("overrides", []), keys, drop_seed=True),
+                              {"jobs": [], "final": [], "best": []})
+        g["jobs"].append(j["job"])
+        if j["status"] == "completed":
+            g["final"].append((j.get("metrics") or {}).get(monitor))
+            g["best"].append(j.get("best"))
+    grouped = [{"group": k, "jobs": v["jobs"], f"final {monitor}": _mean_std(v["final"]),
+                f"best {monitor}": _mean_std(v["best"])} for k, v in groups.items()]
+    failed = [j for j in jobs if j["status"] != "completed"]
+    return {"sweep_dir": str(sweep_dir), "monitor": monitor, "jobs": jobs, "groups": grouped,
+            "n_jobs": len(jobs), "n_failed": len(failed)}
+
+
+def _fmt(stat: Dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f} (n={stat['n']})" if stat["n"] > 1 else f"{stat['mean']:.4f}"
+
+
+def write_summary(sweep_dir: Path, monitor: str = "val/acc", console=None) -> Dict[str, Any]:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    s = summarize(sweep_dir, monitor)
+    sweep_dir = Path(sweep_dir)
+    (sweep_dir / "summary.json").write_text(json.dumps(s, indent=2, default=str))
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["job", "status", "overrides", f"final {monitor}", f"best {monitor}", "step", "wall_time_s",
+                    "error"])
+        for j in s["jobs"]:
+            w.writerow([j["job"], j["status"], " ".join(j.get("overrides", [])),
+                        (j.get("metrics") or {}).get(monitor), j.get("best"), j.get("step"), j.get("wall_time_s"),
+                        j.get("error") or ""])
+    console = console or Console()
+    table = Table(title=f"sweep {sweep_dir}: {s['n_jobs']} jobs, {s['n_failed']} not completed")
+    for col in ("swept values", "status", f"final {monitor}", f"best {monitor}", "wall s"):
+        table.add_column(col)
+    for j in s["jobs"]:
+        final = (j.get("metrics") or {}).get(monitor)
+        table.add_row(j.get("label") or j["job"], j["status"] if j["status"] == "completed" else
+                      f"[red]{j['status']}[/]: {escape(j.get('error') or '')}",
+                      "-" if final is None else f"{final:.4f}",
+                      "-" if j.get("best") is None else f"{j['best']:.4f}", str(j.get("wall_time_s", "-")))
+    console.print(table)
+    if any(len(g["jobs"]) > 1 for g in s["groups"]):
+        gt = Table(title="grouped over seeds (mean ± std)")
+        for col in ("config", "jobs", f"final {monitor}", f"best {monitor}"):
+            gt.add_column(col)
+        for g in s["groups"]:
+            gt.add_row(g["group"], str(len(g["jobs"])), _fmt(g[f"final {monitor}"]), _fmt(g[f"best {monitor}"]))
+        console.print(gt)
+    return s
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarize the sweep directory when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            write_summary(sweep_dir, str(config.checkpoint.monitor))
+            try:
+                from trainrun.plots import plot_sweep
+
+                plot_sweep(sweep_dir)
+            except ImportError:
+                pass
