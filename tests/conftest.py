@@ -39,3 +39,13 @@ def cli(tmp_path):
         return run_cli(tmp_path, *args, *FAST, **kw)
     _run.dir = tmp_path
     return _run
+
+
+def structured(schema, **values):
+    """A typed config node of `schema` (a trainrun.config dataclass) with some fields set."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(schema)
+    for k, v in values.items():
+        cfg[k] = v
+    return cfg

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from conftest import sha_of
+from conftest import structured, sha_of
 from trainrun.config import DistillationConfig
 from trainrun.distill import Distiller, kd_loss
 from trainrun.errors import ConfigError
@@ -17,10 +16,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def dcfg(**kw):
-    c = OmegaConf.structured(DistillationConfig)
-    for k, v in kw.items():
-        c[k] = v
-    return c
+    return structured(DistillationConfig, **kw)
 
 
 def test_kd_loss_matches_hand_computed_kl():

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from conftest import read_jsonl, sha_of
+from conftest import structured, read_jsonl, sha_of
 from trainrun.config import RegularizationConfig
 from trainrun.errors import ConfigError
 from trainrun.regularization import (EMA, BatchAugment, EarlyStopping, FocalLoss, add_stochastic_depth, build_loss,
@@ -18,10 +17,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 def reg(**kw):
-    c = OmegaConf.structured(RegularizationConfig)
-    for k, v in kw.items():
-        c[k] = v
-    return c
+    return structured(RegularizationConfig, **kw)
 
 
 # --- losses ----------------------------------------------------------------------------------

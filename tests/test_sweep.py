@@ -64,3 +64,18 @@ def test_rerunning_an_interrupted_sweep_skips_done_jobs_and_resumes_the_rest(tmp
     # third: nothing left to do
     p = run_cli(tmp_path, "-m", *COMMON, "seed=0,1", "sweep_name=again")
     assert p.stdout.count("already completed; skipped") == 2
+
+
+def test_optuna_sweeper_searches_and_gets_the_metric(tmp_path):
+    import yaml
+
+    p = run_cli(tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=maximize",
+                "hydra.sweeper.sampler.seed=0", "optimizer.lr=tag(log, interval(1e-4, 1e-1))", *COMMON,
+                "sweep_name=opt")
+    d, s = _summary(tmp_path, "opt")
+    assert s["n_jobs"] == 3 and s["n_failed"] == 0
+    best = yaml.safe_load((d / "optimization_results.yaml").read_text())
+    assert best["name"] == "optuna" and "optimizer.lr" in best["best_params"]
+    # the value optuna maximized is the job's best val/acc
+    assert best["best_value"] == max(j["best"] for j in s["jobs"])
+    assert "Best value" in p.stdout + p.stderr

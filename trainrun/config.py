@@ -165,6 +165,7 @@ class LoggerConfig:
     name: str = "console"  # console | wandb (both also write metrics.jsonl)
     log_every: int = 10  # optimizer steps between metric lines
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    plots: bool = True  # draw plots/{loss,accuracy,lr}.png into the run directory when the run ends
     project: str = "trainrun"  # wandb
     entity: Optional[str] = None  # wandb
     mode: str = "offline"  # wandb: online | offline | disabled

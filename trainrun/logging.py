@@ -47,6 +47,27 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def config_tree(cfg, defaults) -> "Tree":
+    """A compact tree of the config: every group with its option name and the keys that differ from the schema."""
+    from omegaconf import OmegaConf
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    tree = Tree("[bold]config[/] (non-default values)")
+    for key in cfg:
+        node, base = cfg[key], defaults.get(key)
+        if OmegaConf.is_dict(node):
+            changed = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+                       if k != "name" and (base is None or OmegaConf.to_container(base, resolve=True).get(k) != v)}
+            label = f"[bold]{key}[/]" + (f": {node.get('name')}" if "name" in node else "")
+            branch = tree.add(label)
+            for k, v in changed.items():
+                branch.add(escape(f"{k}: {v}"))
+        elif node != base:
+            tree.add(escape(f"{key}: {node}"))
+    return tree
+
+
 def print_metrics(con: Console, title: str, metrics: Dict[str, Any]) -> None:
     table = Table(title=title)
     table.add_column("metric")

@@ -26,7 +26,7 @@ from trainrun.distill import Distiller, load_teacher
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
 from trainrun.init import apply_init
-from trainrun.logging import RunLogger, console, print_metrics, trim_metrics
+from trainrun.logging import RunLogger, config_tree, console, print_metrics, trim_metrics
 from trainrun.loop import Trainer, TrainState, evaluate_all, fit
 from trainrun.models import build_model
 from trainrun.optim import apply_hparams, build_optimizer
@@ -265,6 +265,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(f"[bold]trainrun[/] run dir: {run_dir}")
+    if not resumed:
+        from trainrun.config import TrainrunConfig
+
+        logger.print(config_tree(cfg, OmegaConf.structured(TrainrunConfig)))
     logger.print(f"data: {split.description}")
     logger.print(f"model: {cfg.model.name} ({n_params:,} params) | optimizer: {cfg.optimizer.name} "
                  f"lr {optimizer.param_groups[0]['base_lr']:.4g} | schedule: {cfg.schedule.name} | precision: "
@@ -356,6 +360,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         done = trainer.state.step >= total or trainer.state.stopped_early
         logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
                        f"(checkpointed; resume={run_dir} continues)", final)
+        if cfg.logger.plots:
+            from trainrun.plots import plot_run
+
+            plot_run(run_dir)
         exit_code = 0
         return {**final, "finished": done}
     finally:
