@@ -225,7 +225,7 @@ def test_models_and_optimizers_compose_and_train(cli):
 def test_help_lists_groups_and_recipes(cli):
     p = cli("--help")
     for group in ("model:", "init:", "optimizer:", "schedule:", "precision:", "regularization:", "distillation:",
-                  "data:", "logger:", "recipe: digits_mlp_fp32, resnet50_bf16"):
+                  "data:", "logger:", "curriculum:", "recipe: digits_cnn, digits_mlp_fp32"):
         assert group in p.stdout, group
     from conftest import run_cli
     p = run_cli(cli.dir, entry="recipes")

@@ -1,0 +1,95 @@
+"""torchrun on CPU with gloo, 2 processes: DDP, FSDP2, exact resume, preemption, world-size change."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import read_jsonl, run_cli, sha_of
+
+FAST = ["logger.progress=lines", "logger.log_every=5", "trainer.device=cpu"]
+
+
+def torchrun(cwd, *args, nproc=2, check=True, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "trainrun", *args, *FAST]
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def _state(run, step):
+    return torch.load(run / "checkpoints" / f"step_{step:09d}" / "state.pt", weights_only=True)
+
+
+def test_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    common = ["model=mlp", "trainer.max_steps=10", "trainer.eval_every=5", "trainer.ckpt_every=10"]
+    p = torchrun(tmp_path, "run_name=ddp", "data.batch_size=16", *common)
+    assert "global batch 32 (16 per rank x 2 ranks x 1 accumulation)" in p.stdout
+    assert p.stdout.count("trainrun: finished") == 1  # rank 0 alone prints and logs
+    run_cli(tmp_path, "run_name=single", "data.batch_size=32", *common, *FAST)
+    a, b = _state(tmp_path / "runs/ddp", 10), _state(tmp_path / "runs/single", 10)
+    assert set(a["model"]) == set(b["model"])  # no `module.` prefix in DDP checkpoints
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    la = [r["train/loss"] for r in read_jsonl(tmp_path / "runs/ddp/metrics.jsonl") if "train/loss" in r]
+    lb = [r["train/loss"] for r in read_jsonl(tmp_path / "runs/single/metrics.jsonl") if "train/loss" in r]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert len(a["rng_per_rank"]) == 2
+
+
+def test_fsdp2_trains_checkpoints_and_the_checkpoint_loads_in_one_process(tmp_path):
+    p = torchrun(tmp_path, "run_name=f", "trainer.parallel=fsdp2", "model=mlp", "trainer.max_steps=10",
+                 "trainer.eval_every=10", "data.batch_size=16")
+    assert "trainrun: finished" in p.stdout
+    st = _state(tmp_path / "runs/f", 10)
+    assert st["model"]["1.weight"].shape == (256, 64)  # full tensors, not shards
+    p = run_cli(tmp_path, "mode=eval", "resume=runs/f", *FAST)
+    val = [r for r in read_jsonl(tmp_path / "runs/f/metrics.jsonl") if "val/acc" in r][-1]["val/acc"]
+    assert f"{val:.4f}" in p.stdout
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_distributed_kill_and_resume_is_exact(tmp_path, parallel):
+    common = [f"trainer.parallel={parallel}", "model=mlp", "model.dropout=0.1", "trainer.max_steps=20",
+              "trainer.ckpt_every=5", "trainer.eval_every=10", "data.batch_size=16"]
+    torchrun(tmp_path, "run_name=straight", *common)
+    torchrun(tmp_path, "run_name=split", *common, "trainer.stop_at_step=7")
+    p = torchrun(tmp_path, "resume=runs/split", *common)
+    assert "resumed from" in p.stdout
+    assert sha_of(tmp_path / "runs/straight", 20) == sha_of(tmp_path / "runs/split", 20)
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_resumes(tmp_path):
+    args = ["run_name=pre", "model=mlp", "trainer.max_steps=4000", "trainer.ckpt_every=2000",
+            "trainer.eval_every=2000", "data.batch_size=16", *FAST]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "trainrun", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "runs/pre/metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    latest = (tmp_path / "runs/pre/checkpoints/latest").read_text().strip()
+    stopped = int(latest.split("_")[1])
+    assert 0 < stopped < 4000, out + err
+    st = _state(tmp_path / "runs/pre", stopped)
+    assert len(st["rng_per_rank"]) == 2
+    p = torchrun(tmp_path, "resume=runs/pre", *args[1:4], "trainer.max_steps=" + str(stopped + 5), *args[4:])
+    assert f"at step {stopped}" in p.stdout and "trainrun: finished" in p.stdout
+
+
+def test_resuming_on_another_world_size_warns(tmp_path):
+    common = ["model=mlp", "trainer.max_steps=10", "trainer.ckpt_every=5", "data.batch_size=16"]
+    torchrun(tmp_path, "run_name=w", *common, "trainer.stop_at_step=5")
+    p = run_cli(tmp_path, "resume=runs/w", *common, *FAST)
+    out = p.stdout + p.stderr
+    assert "world size" in out and "2 -> 1" in out and "trainrun: finished" in p.stdout
