@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # Small, fast defaults for end-to-end runs: a handful of steps on the real digits data.
-FAST = ["logger.progress=lines", "logger.log_every=5"]
+FAST = ["logger.progress=lines", "logger.log_every=5", "logger.plots=false"]
 
 
 def run_cli(cwd: Path, *args: str, check: bool = True, entry: str = "trainrun", timeout: int = 600):

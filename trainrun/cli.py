@@ -54,8 +54,11 @@ def register_recipes() -> None:
         cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
 
 
+_FIXED_NOW: Optional[str] = None  # under torchrun: rank 0's clock, so every rank picks the same run directory
+
+
 def _now() -> str:
-    return dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return _FIXED_NOW or dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _run_dir(mode: str, resume: Optional[str], output_root: str, run_name: Optional[str]) -> str:
@@ -215,18 +218,28 @@ def _fail(msg: str) -> None:
 
 
 def main() -> None:
+    global _FIXED_NOW
+    from trainrun import distributed
+
     setup()
     args = sys.argv[1:]
+    info = distributed.init("cpu" if "trainer.device=cpu" in args else "auto")
+    if info.enabled:
+        _FIXED_NOW = distributed.broadcast_object(_now())
     hydra_flags = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
                    "-p", "--package", "--resolve", "--version", "--config-path", "-cp", "--config-name", "-cn",
                    "--config-dir", "-cd", "--experimental-rerun"}
     if not any(a.split("=")[0] in hydra_flags for a in args):
         preflight([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
     hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
+    code = 0
     if _FAILED_JOBS:
         print(f"trainrun: {len(_FAILED_JOBS)} sweep job(s) failed: {', '.join(_FAILED_JOBS)} "
               "(see summary.csv in the sweep directory)", file=sys.stderr, flush=True)
-        sys.exit(1)
+        code = 1
+    if info.enabled:
+        distributed.teardown(code)  # barrier, destroy the group, flush, os._exit: gloo ranks exit cleanly
+    sys.exit(code)
 
 
 def list_recipes_main() -> None:

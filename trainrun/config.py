@@ -180,7 +180,9 @@ class TrainerConfig:
     accumulation_steps: int = 1
     eval_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda means cuda:LOCAL_RANK)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp2 (torch.distributed.fsdp.fully_shard)
+    sync_batchnorm: bool = False  # under torchrun: convert BatchNorm to SyncBatchNorm
 
 
 @dataclass
@@ -238,6 +240,7 @@ CHOICES = {
     "checkpoint.monitor_mode": ("max", "min"),
     "determinism": ("off", "warn", "error"),
     "mode": ("train", "eval", "init_report"),
+    "trainer.parallel": ("ddp", "fsdp2"),
     "model.activation": ("relu", "gelu", "tanh", "silu"),
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,15 +80,16 @@ def print_metrics(con: Console, title: str, metrics: Dict[str, Any]) -> None:
 
 class RunLogger:
     def __init__(self, cfg, run_dir: Path, total_steps: int, start_step: int, config: Dict[str, Any],
-                 wandb_id: Optional[str]):
+                 wandb_id: Optional[str], main_process: bool = True):
         self.cfg, self.run_dir, self.total = cfg, Path(run_dir), total_steps
-        self.console = console()
+        self.main = main_process  # under torchrun only rank 0 prints and writes; the others stay silent
+        self.console = console() if main_process else Console(file=open(os.devnull, "w"))
         # wandb first: its import patches sys.stdout/sys.stderr.write to capture the console (output.log), so it
         # must see the real streams, not the proxies a running rich progress bar puts in their place (the capture
         # would be lost once the bar stops); and a failing wandb.init then leaves no bar or open file behind.
         self.wandb = None
         self.wandb_id = wandb_id
-        if cfg.name == "wandb":
+        if cfg.name == "wandb" and main_process:
             import wandb  # deferred: only runs that ask for wandb pay its import
 
             # The same id on every resume continues the same wandb run (offline: one offline-run-*-ID folder per
@@ -95,8 +97,8 @@ class RunLogger:
             self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir),
                                     id=wandb_id, resume="allow", config=config, group=cfg.group,
                                     name=self.run_dir.name)
-        self.file = open(self.run_dir / METRICS_FILE, "a", buffering=1)
-        mode = cfg.progress
+        self.file = open(self.run_dir / METRICS_FILE if main_process else os.devnull, "a", buffering=1)
+        mode = cfg.progress if main_process else "off"
         if mode == "auto":
             mode = "bar" if self.console.is_terminal else "lines"
         self.mode = mode

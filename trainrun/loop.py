@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from trainrun.data import BatchStream
 from trainrun.distill import Distiller
+from trainrun.distributed import all_reduce_sum
 from trainrun.precision import PrecisionPolicy
 from trainrun.regularization import EMA, BatchAugment
 from trainrun.schedule import Schedule
@@ -54,6 +55,7 @@ class Trainer:
     augment: Optional[BatchAugment] = None
     ema: Optional[EMA] = None
     distill: Optional[Distiller] = None
+    world: int = 1  # processes; > 1 under torchrun (metrics are averaged over ranks at log steps)
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -73,7 +75,8 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     loss_sum = torch.zeros((), device=t.device)
     correct = torch.zeros((), device=t.device, dtype=torch.long)
     n = 0
-    for _ in range(t.accumulation):
+    for i in range(t.accumulation):
+        _grad_sync(t.model, i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
         x, y = next(batches)
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
         target = y
@@ -100,6 +103,13 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     if norm is not None:
         out["grad_norm"] = norm
     return out
+
+
+def _grad_sync(model: nn.Module, on: bool) -> None:
+    if hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = on
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(on)
 
 
 def evaluate_all(t: Trainer) -> Dict[str, float]:
@@ -152,6 +162,12 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         norm = out.get("grad_norm", norm)
         step = t.state.step
         if is_log_step:
+            if t.world > 1:  # average over ranks: the same numbers one process with the global batch logs
+                totals = all_reduce_sum(torch.stack([loss_acc.double(), correct_acc.double(),
+                                                     torch.tensor(float(seen), device=t.device, dtype=torch.float64)]))
+                loss_acc.fill_(float(totals[0]) / t.world)
+                correct_acc.fill_(int(totals[1]))
+                seen = int(totals[2])
             loss = float(loss_acc) / steps_in_window  # the one host sync per log interval
             if loss != loss or loss in (float("inf"), float("-inf")):
                 raise FloatingPointError(f"non-finite training loss ({loss}) at step {step}; lower optimizer.lr, "
@@ -160,7 +176,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             metrics = {"epoch": t.state.epoch, "train/loss": loss, "train/acc": float(correct_acc) / max(1, seen),
                        "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(elapsed, 1e-9)}
             if norm is not None:
-                metrics["grad_norm"] = float(norm)
+                metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if t.precision.scaler.is_enabled():
                 metrics["loss_scale"] = t.precision.scaler.get_scale()
             log(step, metrics)

@@ -43,10 +43,11 @@ def _cpu_model() -> str:
 @lru_cache(maxsize=1)
 def environment() -> Dict[str, Any]:
     """Versions and hardware; computed once per process."""
+    from importlib.metadata import version
+
     import hydra
     import numpy
     import omegaconf
-    import torchvision
 
     import trainrun
 
@@ -56,7 +57,7 @@ def environment() -> Dict[str, Any]:
             "trainrun": trainrun.__version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
+            "torchvision": version("torchvision"),
             "hydra": hydra.__version__,
             "omegaconf": omegaconf.__version__,
             "numpy": numpy.__version__,

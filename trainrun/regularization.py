@@ -77,6 +77,9 @@ class BatchAugment:
     and per-sample random erasing. Returns (x, targets) where targets are class indices or probabilities."""
 
     def __init__(self, cfg, num_classes: int):
+        self.mix, self.erase, self.mix_prob = None, None, cfg.mix_prob
+        if not (cfg.cutmix_alpha > 0 or cfg.mixup_alpha > 0 or cfg.random_erasing > 0):
+            return  # no torchvision import when nothing is on (~1 s of startup)
         from torchvision.transforms import v2
 
         mixers = []
@@ -84,12 +87,10 @@ class BatchAugment:
             mixers.append((v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes), cfg.switch_prob))
         if cfg.mixup_alpha > 0:
             mixers.append((v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes), 1 - cfg.switch_prob))
-        self.mix = None
         if len(mixers) == 1:
             self.mix = mixers[0][0]
         elif mixers:
             self.mix = v2.RandomChoice([m for m, _ in mixers], p=[p for _, p in mixers])
-        self.mix_prob = cfg.mix_prob
         self.erase = v2.RandomErasing(p=cfg.random_erasing, value=0) if cfg.random_erasing > 0 else None
 
     @property

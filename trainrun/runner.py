@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import checkpoint, provenance
+from trainrun import checkpoint, distributed, provenance
 from trainrun.config import validate
 from trainrun.data import BatchStream, build_split, sample_inputs
 from trainrun.distill import Distiller, load_teacher
@@ -30,7 +30,7 @@ from trainrun.logging import RunLogger, config_tree, console, print_metrics, tri
 from trainrun.loop import Trainer, TrainState, evaluate_all, fit
 from trainrun.models import build_model
 from trainrun.optim import apply_hparams, build_optimizer
-from trainrun.precision import PrecisionPolicy
+from trainrun.precision import DTYPES, PrecisionPolicy
 from trainrun.regularization import (EMA, BatchAugment, EarlyStopping, add_stochastic_depth, build_loss,
                                      class_weights, effective_dropout)
 from trainrun.schedule import Schedule
@@ -99,9 +99,12 @@ def build_distiller(cfg, model, ema, split, device) -> Distiller:
     return Distiller(d, model, teacher, sample_inputs(split.train, 8).to(device), info).to(device)
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, info: "distributed.DistInfo" = None) -> torch.device:
+    local = info.local_rank if info is not None and info.enabled else None
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local is not None:
+        name = f"cuda:{local}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r}: CUDA is not available on this machine; use trainer.device=cpu")
@@ -156,8 +159,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
                           "or pick another run_name")
 
     set_determinism(cfg.determinism)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.trainer.device)
+    info = distributed.env_info()
+    seed_everything(cfg.seed)  # the same on every rank: one data split, one initial model
+    device = pick_device(cfg.trainer.device, info)
 
     split = build_split(cfg.data)
     model = build_model(cfg.model, split.input_shape, split.num_classes,
@@ -170,16 +174,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     if device.type == "cuda" and hasattr(split.train, "x"):  # small in-memory sets live on the GPU
         for ds in (split.train, split.val):
             ds.x, ds.y = ds.x.to(device), ds.y.to(device)
+    parallel = cfg.trainer.parallel if info.enabled else "none"
+    if parallel == "fsdp2" and reg.ema_decay > 0:
+        raise ConfigError("regularization.ema_decay with trainer.parallel=fsdp2 is not supported yet (the EMA copy "
+                          "would be sharded); use trainer.parallel=ddp or ema_decay=0")
+    net = distributed.wrap(model, parallel, info, device, DTYPES[cfg.precision.name], cfg.trainer.sync_batchnorm)
 
     acc = cfg.trainer.accumulation_steps
-    global_batch = cfg.data.batch_size * acc
+    global_batch = cfg.data.batch_size * acc * info.world
     train = BatchStream(split.train, cfg.data.batch_size, cfg.seed, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        rank=info.rank, world=info.world)
     val = BatchStream(split.val, cfg.data.eval_batch_size, cfg.seed, shuffle=False, drop_last=False,
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     if train.batches_per_epoch < acc:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x trainer.accumulation_steps={acc} exceeds the "
-                          f"{len(split.train)} training samples; lower one of them")
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x trainer.accumulation_steps={acc} x "
+                          f"{info.world} processes exceeds the {len(split.train)} training samples; lower one of them")
     steps_per_epoch = max(1, train.batches_per_epoch // acc)
     total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
 
@@ -195,8 +205,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     ema = EMA(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay > 0 else None
     early = EarlyStopping(reg.early_stopping_patience, reg.early_stopping_min_delta, cfg.checkpoint.monitor_mode,
                           reg.restore_best) if reg.early_stopping_patience > 0 else None
-    trainer = Trainer(model, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
-                      reg.clip_grad_norm, reg.clip_grad_value, augment if augment.enabled else None, ema)
+    trainer = Trainer(net, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
+                      reg.clip_grad_norm, reg.clip_grad_value, augment if augment.enabled else None, ema,
+                      world=info.world)
+    if info.enabled:
+        seed_everything(cfg.seed, info.rank)  # per-rank streams for dropout, MixUp, ... from here on
     if cfg.distillation.name != "off":
         trainer.distill = build_distiller(cfg, model, ema, split, device)
         if len(trainer.distill.proj):
@@ -208,7 +221,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             # Scores come from the model at the start of the epoch; a mid-epoch resume reuses the saved ones.
             scores = None
             if curriculum.needs_scores and not curriculum.has_scores(epoch):
-                scores = score_samples(model, split.train, curriculum.score_kind, precision, device,
+                scores = score_samples(net, split.train, curriculum.score_kind, precision, device,
                                        cfg.data.eval_batch_size)
             return curriculum.epoch_order(epoch, scores)
 
@@ -237,9 +250,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     parent_sha, wall_before, wandb_id = None, 0.0, None
     if resumed:
         ckpt_dir, st, meta = resumed
-        model.load_state_dict(st["model"])
         try:
-            optimizer.load_state_dict(st["optimizer"])
+            distributed.load_full_state(net, optimizer, st["model"], st["optimizer"], parallel)
         except ValueError as e:
             raise ConfigError(f"resume refused: the optimizer state does not fit this config ({e}); resume with the "
                               "checkpoint's optimizer settings or start a new run") from e
@@ -253,16 +265,26 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             elif part is not None:
                 log.warning("resume: the checkpoint has no %s state; %s starts afresh", name, name)
         trainer.state = TrainState(**st["trainer"])
-        restore_rng_state(st["rng"])
+        saved_world = meta.get("world_size", 1)
+        if saved_world != info.world:
+            log.warning("resume on another world size (%d -> %d processes): the global batch becomes %d, each rank's "
+                        "data shard and RNG stream change, so the trajectory will differ from the original run",
+                        saved_world, info.world, global_batch)
+            if info.is_main:
+                print(f"warning: resume on another world size ({saved_world} -> {info.world}); the trajectory "
+                      "changes from here", flush=True)
+        per_rank = st.get("rng_per_rank")
+        restore_rng_state(per_rank[info.rank] if per_rank and len(per_rank) == info.world else st["rng"])
         parent_sha, wall_before, wandb_id = meta["sha256"], meta.get("wall_time_s", 0.0), meta.get("wandb_id")
-        trim_metrics(run_dir, trainer.state.step)
+        if info.is_main:
+            trim_metrics(run_dir, trainer.state.step)
     schedule.apply(optimizer, trainer.state.step)
     if cfg.logger.name == "wandb" and wandb_id is None:
         wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
-    if not (run_dir / "config.yaml").exists():  # the run's original composition; resumes add theirs to meta.json
+    if info.is_main and not (run_dir / "config.yaml").exists():  # resumes add their config to meta.json
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id)
+    logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id, main_process=info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(f"[bold]trainrun[/] run dir: {run_dir}")
     if not resumed:
@@ -272,7 +294,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     logger.print(f"data: {split.description}")
     logger.print(f"model: {cfg.model.name} ({n_params:,} params) | optimizer: {cfg.optimizer.name} "
                  f"lr {optimizer.param_groups[0]['base_lr']:.4g} | schedule: {cfg.schedule.name} | precision: "
-                 f"{cfg.precision.name} | device: {device} | global batch {global_batch} | {total} steps")
+                 f"{cfg.precision.name} | device: {device} | global batch {global_batch}"
+                 + (f" ({cfg.data.batch_size} per rank x {info.world} ranks x {acc} accumulation, {parallel})"
+                    if info.enabled else "") + f" | {total} steps")
     if resumed:
         logger.print(f"resumed from {resumed[0]} at step {trainer.state.step} (epoch {trainer.state.epoch}, "
                      f"batch {trainer.state.batch_in_epoch})")
@@ -305,12 +329,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         if last_saved["step"] == s.step:
             return
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": distributed.full_model_state(net, parallel),
+            "optimizer": distributed.full_optimizer_state(net, optimizer, parallel),
             "schedule": schedule.state_dict(),
             "scaler": precision.state_dict(),
             "trainer": s.to_dict(),
             "rng": capture_rng_state(),
+            **({"rng_per_rank": distributed.all_gather_object(capture_rng_state())} if info.enabled else {}),
             "data": {"seed": cfg.seed, "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
         }
         if ema is not None:
@@ -334,12 +359,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             "wall_time_s": round(wall_before + time.perf_counter() - train_start, 3),
             "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "wandb_id": wandb_id,
+            "world_size": info.world,
+            "parallel": parallel,
             "teacher": trainer.distill.teacher_info if trainer.distill is not None else None,
             **env,
         }
         metric = s.last_eval.get(monitor) if s.last_eval_step == s.step else None
-        _, sha = checkpoint.save(run_dir, s.step, state, meta, keep_last=cfg.checkpoint.keep_last, metric=metric,
-                                 mode=mode, keep_best=cfg.checkpoint.keep_best)
+        sha = None
+        if info.is_main:  # one writer; every rank took part in gathering the state above
+            _, sha = checkpoint.save(run_dir, s.step, state, meta, keep_last=cfg.checkpoint.keep_last,
+                                     metric=metric, mode=mode, keep_best=cfg.checkpoint.keep_best)
+        distributed.barrier()
         last_saved.update(sha=sha, step=s.step)
 
     exit_code = 1
@@ -352,7 +382,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
                                 eval_every=cfg.trainer.eval_every or steps_per_epoch,
                                 ckpt_every=cfg.trainer.ckpt_every or steps_per_epoch, stop_at=stop_at,
                                 log=logger.log, on_eval=on_eval, save=save, advance=logger.advance,
-                                should_stop=lambda: stop.requested or trainer.state.stopped_early)
+                                should_stop=lambda: distributed.any_rank(
+                                    stop.requested or trainer.state.stopped_early, device))
         final = {"step": trainer.state.step, **trainer.state.last_eval}
         if trainer.state.best_metric is not None:
             final[f"best {monitor}"] = trainer.state.best_metric
@@ -360,7 +391,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         done = trainer.state.step >= total or trainer.state.stopped_early
         logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
                        f"(checkpointed; resume={run_dir} continues)", final)
-        if cfg.logger.plots:
+        if cfg.logger.plots and info.is_main:
             from trainrun.plots import plot_run
 
             plot_run(run_dir)

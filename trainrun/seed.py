@@ -36,7 +36,10 @@ def set_determinism(mode: str) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=(mode == "warn"))
+    # The switch matters for CUDA kernels; setting it also imports torch._inductor (~1 s), so a CPU-only
+    # process in `warn` mode skips it (CPU kernels are deterministic for a fixed thread count).
+    if mode == "error" or torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=(mode == "warn"))
     if mode == "warn":
         warnings.filterwarnings("once", message=".*does not have a deterministic implementation.*")
 

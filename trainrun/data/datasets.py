@@ -108,12 +108,28 @@ def check_tensor_data(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         raise DataError(f"{name}: labels out of range: found label {int(y.min())}; class indices must be >= 0")
 
 
-def load_digits_set(cfg) -> Split:
+def _digits_arrays():
+    """scikit-learn's digits (1,797 x 8x8). Read straight from the file the wheel ships when it is where
+    `load_digits` reads it: importing sklearn.datasets pulls in SciPy and costs over a second of startup."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is not None and path.is_file():
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
+    return d.images, d.target
+
+
+def load_digits_set(cfg) -> Split:
+    images, target = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.int64)
     return _tensor_split("digits", x, y, cfg)
 
 

@@ -34,13 +34,16 @@ class _FileBatches(torch.utils.data.Dataset):
 
 class BatchStream:
     def __init__(self, ds, batch_size: int, seed: int, *, shuffle: bool, drop_last: bool,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1):
+        """With world > 1 every batch of the epoch is a global batch of batch_size * world samples, of which
+        rank r takes the r-th slice: N ranks see exactly what one process with N times the batch would."""
         self.ds, self.batch_size, self.seed = ds, batch_size, seed
+        self.rank, self.world = rank, world
         self.shuffle, self.drop_last = shuffle, drop_last
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.order_fn: Optional[Callable[[int], torch.Tensor]] = None  # a curriculum's epoch order, if any
-        n = len(ds)
-        self.batches_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+        n, global_batch = len(ds), batch_size * world
+        self.batches_per_epoch = n // global_batch if drop_last else -(-n // global_batch)
 
     def order(self, epoch: int) -> torch.Tensor:
         if self.order_fn is not None:
@@ -52,7 +55,8 @@ class BatchStream:
 
     def batch_indices(self, epoch: int, start: int = 0) -> List[torch.Tensor]:
         order = self.order(epoch)
-        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(start, self.batches_per_epoch)]
+        g, lo = self.batch_size * self.world, self.rank * self.batch_size
+        return [order[b * g + lo:b * g + lo + self.batch_size] for b in range(start, self.batches_per_epoch)]
 
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield (x, y, sample indices) for batches start.. of `epoch`."""

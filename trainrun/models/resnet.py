@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch.nn as nn
-import torchvision
 
 
 def _adapt(model: nn.Module, cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
@@ -19,9 +18,13 @@ def _adapt(model: nn.Module, cfg, input_shape, num_classes: int, dropout: float)
 
 def resnet18(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     """torchvision ResNet-18 (BasicBlock, 11.7M params at 1000 classes)."""
+    import torchvision  # deferred: importing torchvision costs ~1 s of startup
+
     return _adapt(torchvision.models.resnet18(num_classes=num_classes), cfg, input_shape, num_classes, dropout)
 
 
 def resnet50(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     """torchvision ResNet-50 (Bottleneck, 25.6M params at 1000 classes)."""
+    import torchvision
+
     return _adapt(torchvision.models.resnet50(num_classes=num_classes), cfg, input_shape, num_classes, dropout)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import torch.nn as nn
-from torchvision.models.vision_transformer import VisionTransformer
 
 from trainrun.errors import ConfigError
 
 
 def vit(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     """ViT (torchvision VisionTransformer): patch_size, width, layers, heads, mlp_ratio from model.*."""
+    from torchvision.models.vision_transformer import VisionTransformer  # deferred: ~1 s of import
+
     c, h, w = input_shape
     p = cfg.patch_size
     if h != w or h % p:

@@ -1,0 +1,157 @@
+"""torchrun / DDP / FSDP2 setup and teardown, rank-0 I/O, and the collectives the loop needs.
+
+A run started by `torchrun --nproc_per_node=N -m trainrun ...` finds RANK/WORLD_SIZE/LOCAL_RANK in its
+environment; everything else is automatic: the process group (nccl on GPU, gloo on CPU), the wrapper
+(`trainer.parallel=ddp|fsdp2`), the data shard of each rank, rank-0 checkpoints and logs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """What torchrun put in the environment (a plain process is rank 0 of 1)."""
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init(device_type: str = "auto") -> DistInfo:
+    """Join the process group once per process when launched by torchrun; returns this process's place."""
+    info = env_info()
+    if info.enabled and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_type != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return info
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value of `obj` on every rank (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank (all ranks agree to stop together)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, parallel: str, info: DistInfo, device: torch.device, precision_dtype, sync_bn: bool):
+    """DDP (default) or FSDP2 (`fully_shard`, with its mixed-precision policy) around the model."""
+    if not info.enabled:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if parallel == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=precision_dtype, reduce_dtype=torch.float32) if precision_dtype \
+            else MixedPrecisionPolicy()
+        for child in list(model.children()):
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
+        else model
+
+
+def full_model_state(model: nn.Module, parallel: str) -> dict:
+    """The whole model state dict without wrapper prefixes (FSDP2: gathered to full tensors on CPU)."""
+    if parallel == "fsdp2" and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+def full_optimizer_state(model: nn.Module, optimizer, parallel: str) -> dict:
+    if parallel == "fsdp2" and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict, parallel: str) -> None:
+    if parallel == "fsdp2" and dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_sd, options=opts)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+        return
+    unwrap(model).load_state_dict(model_sd)
+    optimizer.load_state_dict(optim_sd)
+
+
+def teardown(exit_code: int = 0) -> None:
+    """End a distributed process cleanly: barrier, destroy the group, flush, and exit without the atexit
+    handlers that make gloo ranks abort at interpreter shutdown."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if exit_code == 0:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
