@@ -96,3 +96,11 @@ def test_resuming_on_another_world_size_warns(tmp_path):
     p = run_cli(tmp_path, "resume=runs/w", *common, *FAST)
     out = p.stdout + p.stderr
     assert "world size" in out and "2 -> 1" in out and "trainrun: finished" in p.stdout
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    """SLURM itself cannot run here; the launcher config must compose with trainrun's config."""
+    p = run_cli(tmp_path, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
+                "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=8", "trainer.parallel=fsdp2",
+                "--cfg", "hydra")
+    assert "SlurmLauncher" in p.stdout and "tasks_per_node: 8" in p.stdout and "nodes: 2" in p.stdout

@@ -31,8 +31,21 @@ class DistInfo:
         return self.rank == 0
 
 
+def _export_slurm_env() -> None:
+    """Under SLURM tasks launched by hydra-submitit-launcher (tasks_per_node > 1) there is no torchrun: submitit's
+    helper turns the SLURM variables into RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in os.environ:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def env_info() -> DistInfo:
-    """What torchrun put in the environment (a plain process is rank 0 of 1)."""
+    """What torchrun (or SLURM via submitit) put in the environment (a plain process is rank 0 of 1)."""
+    _export_slurm_env()
     return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
 
