@@ -26,7 +26,8 @@ def test_default_run_trains_and_writes_run_directory(cli):
                 "wall_time_s", "sha256", "command"):
         assert key in meta, key
     assert set(meta["config"]) == {"resolved", "unresolved"}
-    assert meta["overrides"] == ["run_name=default", "trainer.epochs=3", "logger.progress=lines", "logger.log_every=5"]
+    assert meta["overrides"] == ["run_name=default", "trainer.epochs=3", "logger.progress=lines", "logger.log_every=5",
+                                 "logger.plots=false"]
     assert meta["versions"]["torch"] == torch.__version__
     assert meta["data"]["fingerprint"] and meta["hardware"]["hostname"]
     digest = hashlib.sha256((latest / "state.pt").read_bytes()).hexdigest()
@@ -255,7 +256,8 @@ def test_every_recipe_composes_and_trains_a_few_steps(cli, recipe):
             assert line in cfg, line
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches(cli):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches(cli, sig):
     import os
     import signal
     import subprocess
@@ -271,7 +273,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches(cli):
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     latest = (cli.dir / "runs/pre/checkpoints/latest").read_text().strip()

@@ -112,13 +112,14 @@ def pick_device(name: str, info: "distributed.DistInfo" = None) -> torch.device:
 
 
 class _StopFlag:
-    """SIGTERM / first Ctrl-C ask the loop to checkpoint at the next step boundary and exit."""
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) / first Ctrl-C ask the loop to checkpoint at the next
+    step boundary and exit."""
 
     def __init__(self):
         self.requested, self._old = False, {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. tests): no handlers
