@@ -194,6 +194,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class LrFindConfig:
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    num_steps: int = 100
+    smooth: float = 0.98  # exponential smoothing of the loss
+    diverge: float = 4.0  # stop when the smoothed loss exceeds this multiple of its minimum
+
+
+@dataclass
 class TrainrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
@@ -207,8 +216,9 @@ class TrainrunConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     seed: int = 0
-    mode: str = "train"  # train | eval | init_report
+    mode: str = "train"  # train | eval | init_report | lr_find
     resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it
@@ -239,7 +249,7 @@ CHOICES = {
     "logger.mode": ("online", "offline", "disabled"),
     "checkpoint.monitor_mode": ("max", "min"),
     "determinism": ("off", "warn", "error"),
-    "mode": ("train", "eval", "init_report"),
+    "mode": ("train", "eval", "init_report", "lr_find"),
     "trainer.parallel": ("ddp", "fsdp2"),
     "model.activation": ("relu", "gelu", "tanh", "silu"),
 }
@@ -292,7 +302,8 @@ def validate(cfg: DictConfig) -> None:
                 "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "schedule.power", "schedule.div_factor",
                 "schedule.final_div_factor", "optimizer.alpha", "curriculum.self_paced_threshold",
                 "curriculum.self_paced_growth", "distillation.temperature", "model.patch_size", "model.width",
-                "model.layers", "model.heads", "model.mlp_ratio"):
+                "model.layers", "model.heads", "model.mlp_ratio", "lr_find.start_lr", "lr_find.end_lr",
+                "lr_find.num_steps", "lr_find.diverge"):
         positive(key)
     for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
                 "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
@@ -326,6 +337,9 @@ def validate(cfg: DictConfig) -> None:
         fail("regularization.balance_classes", "choose class_weights or balance_classes, not both")
     unit("schedule.min_lr_ratio", closed=True)
     unit("distillation.alpha", closed=True)
+    unit("lr_find.smooth")
+    if cfg.lr_find.end_lr <= cfg.lr_find.start_lr:
+        fail("lr_find.end_lr", f"must be larger than lr_find.start_lr={cfg.lr_find.start_lr}")
     dist = cfg.distillation
     if dist.name in ("response", "feature") and not dist.teacher:
         fail("distillation.teacher", f"distillation={dist.name} needs a teacher: distillation.teacher=RUN_DIR "

@@ -71,3 +71,80 @@ def render_activation_report(rows: List[Dict], console, title: str) -> None:
     for r in rows:
         table.add_row(r["layer"], r["type"], _num(r["mean"]), _num(r["var"]), f"{100 * r['dead_frac']:.1f}")
     console.print(table)
+
+
+def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn: nn.Module, precision, device,
+            start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100, smooth: float = 0.98,
+            diverge: float = 4.0) -> Dict:
+    """LR range test (Smith 2017): raise the LR exponentially from start_lr to end_lr, one optimizer step per
+    batch, tracking an exponentially smoothed (bias-corrected) loss; stop once it exceeds `diverge` x its best.
+
+    The model's and the optimizer's state are restored afterwards. Returns the curve and the suggested LR: the
+    point of steepest descent of the smoothed loss against log(lr), taken before the minimum.
+    """
+    import copy
+    import math
+
+    model_state = copy.deepcopy(model.state_dict())
+    optim_state = copy.deepcopy(optimizer.state_dict())
+    ratio = (end_lr / start_lr) ** (1.0 / max(1, num_steps - 1))
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    was_training = model.training
+    model.train()
+    try:
+        for i in range(num_steps):
+            lr = start_lr * ratio ** i
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with precision.autocast():
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            precision.backward(loss)
+            precision.step(optimizer, model.parameters(), clip_norm=None, clip_value=None, want_norm=False)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                break
+            avg = smooth * avg + (1 - smooth) * value
+            smoothed = avg / (1 - smooth ** (i + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > diverge * best:
+                break
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        model.train(was_training)
+    suggestion = None
+    if len(losses) >= 3:
+        stop = min(range(len(losses)), key=losses.__getitem__)
+        logs = [math.log10(v) for v in lrs]
+        slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(1, max(2, stop))]
+        if slopes:
+            suggestion = lrs[1 + min(range(len(slopes)), key=slopes.__getitem__)]
+    return {"lrs": lrs, "losses": losses, "suggested_lr": suggestion,
+            "min_loss_lr": lrs[min(range(len(losses)), key=losses.__getitem__)] if losses else None}
+
+
+def plot_lr_find(result: Dict, path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(result["lrs"], result["losses"], label="smoothed training loss")
+    if result["suggested_lr"]:
+        ax.axvline(result["suggested_lr"], color="tab:red", linestyle="--",
+                   label=f"suggested lr {result['suggested_lr']:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title("LR range test")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

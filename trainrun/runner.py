@@ -237,6 +237,23 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
         render_activation_report(rows, console(), title=f"activations at init: model={cfg.model.name} init={cfg.init.name}")
         return {"layers": len(rows), "last_var": rows[-1]["var"] if rows else float("nan")}
 
+    if cfg.mode == "lr_find":
+        from trainrun.diagnostics import lr_find, plot_lr_find
+        from trainrun.loop import micro_batches
+
+        lf = cfg.lr_find
+        result = lr_find(net, optimizer, micro_batches(trainer), loss_fn, precision, device, lf.start_lr,
+                         lf.end_lr, lf.num_steps, lf.smooth, lf.diverge)
+        if info.is_main:
+            (run_dir / "lr_find.json").write_text(json.dumps(result, indent=2))
+            plot_lr_find(result, run_dir / "lr_find.png")
+            sugg = result["suggested_lr"]
+            console().print(f"LR range test over {len(result['lrs'])} steps ({lf.start_lr:g} -> {lf.end_lr:g}): "
+                            f"suggested optimizer.lr={sugg:.3g} (steepest descent), lowest loss at "
+                            f"{result['min_loss_lr']:.3g}; plot: {run_dir / 'lr_find.png'}" if sugg else
+                            "LR range test: no descent found; try a smaller lr_find.start_lr or more lr_find.num_steps")
+        return {"suggested_lr": result["suggested_lr"], "finished": True}
+
     if cfg.mode == "eval":
         model.load_state_dict(resumed[1]["model"])
         if "ema" in resumed[1]:
