@@ -50,7 +50,7 @@ def test_same_seed_same_metrics_and_checkpoint_sha(cli):
     runs = cli.dir / "runs"
 
     def metrics(name):
-        return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")}
+        return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s", "peak_mem_mb")}
                 for r in read_jsonl(runs / name / "metrics.jsonl")]
 
     assert metrics("a") == metrics("b")

@@ -2,13 +2,14 @@
 import json
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from conftest import FAST, run_cli
+from conftest import FAST, read_jsonl, run_cli
 from trainrun.config import PrecisionConfig
-from trainrun.diagnostics import lr_find
+from trainrun.diagnostics import lr_find, memory_plan, optimizer_state_bytes
 from trainrun.precision import PrecisionPolicy
 
 
@@ -43,3 +44,36 @@ def test_lr_find_through_the_cli_on_digits(tmp_path):
     assert (tmp_path / "runs/lr/lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "suggested optimizer.lr=" in p.stdout
     assert not (tmp_path / "runs/lr/checkpoints").exists()
+
+
+@pytest.mark.parametrize("name, momentum, per_param", [
+    ("adamw", 0.9, 16), ("adam", 0.9, 16), ("sgd", 0.9, 12), ("sgd", 0.0, 8), ("rmsprop", 0.0, 12),
+    ("adagrad", 0.0, 12),
+])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_memory_plan_bytes_per_param(name, momentum, per_param, precision):
+    model = nn.Linear(1000, 1000, bias=False)
+    plan = memory_plan(model, name, momentum, precision)
+    assert plan["params"] == 1_000_000 and plan["bytes_per_param"] == per_param  # Adam: 16 B in fp32 and bf16
+
+
+@pytest.mark.parametrize("name, kwargs", [("adamw", {}), ("sgd", {"momentum": 0.9}), ("rmsprop", {"momentum": 0.9}),
+                                          ("adagrad", {}), ("adafactor", {})])
+def test_optimizer_state_bytes_match_what_torch_allocates(name, kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5))
+    cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
+           "adagrad": torch.optim.Adagrad, "adafactor": torch.optim.Adafactor}[name]
+    opt = cls(model.parameters(), lr=0.01, **kwargs)
+    model(torch.randn(4, 30)).sum().backward()
+    opt.step()
+    real = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+               if torch.is_tensor(t) and k != "step")
+    assert optimizer_state_bytes(name, list(model.parameters()), kwargs.get("momentum", 0.0)) == real
+
+
+def test_run_prints_the_memory_plan_and_logs_the_measured_peak(tmp_path):
+    p = run_cli(tmp_path, "run_name=m", "trainer.max_steps=5", "optimizer=adamw", "precision=bf16", *FAST)
+    assert "memory plan:" in p.stdout and "16.0 B/param" in p.stdout
+    rows = [r for r in read_jsonl(tmp_path / "runs/m/metrics.jsonl") if "peak_mem_mb" in r]
+    assert rows and rows[0]["peak_mem_mb"] > 0

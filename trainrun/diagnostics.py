@@ -148,3 +148,53 @@ def plot_lr_find(result: Dict, path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+# bytes of optimizer state per parameter element, for fp32 state (Adafactor is handled separately: factored)
+_OPTIM_STATE_BYTES = {"adam": 8, "adamw": 8, "nadam": 8, "radam": 8, "adagrad": 4}
+
+
+def optimizer_state_bytes(name: str, params, momentum: float = 0.0) -> int:
+    """Optimizer state the step will allocate: Adam-family 2 fp32 moments (8 B/param), SGD a momentum buffer
+    (4 B/param when momentum > 0), RMSprop the square average (4) plus a momentum buffer (4) when momentum > 0,
+    AdaGrad the sum of squares (4), Adafactor a row and a column factor per matrix (4 * (rows + cols))."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        if name in _OPTIM_STATE_BYTES:
+            total += _OPTIM_STATE_BYTES[name] * n
+        elif name == "sgd":
+            total += 4 * n if momentum > 0 else 0
+        elif name == "rmsprop":
+            total += 4 * n + (4 * n if momentum > 0 else 0)
+        elif name == "adafactor":
+            total += 4 * (p.shape[-2] + p.shape[-1]) if p.ndim >= 2 else 4 * n
+    return total
+
+
+def memory_plan(model: nn.Module, optimizer_name: str, momentum: float, precision: str) -> Dict:
+    """Bytes for weights, gradients, optimizer state and master copies before training starts.
+
+    torch autocast (fp16/bf16) keeps the weights - the master copy - and their gradients in fp32 and casts to the
+    low precision per operation, so weights 4 + grads 4 + optimizer state stay what fp32 needs: 16 B/param with
+    Adam either way (the classic mixed-precision accounting, 2 + 2 + 4 master + 8, also gives 16, not 12).
+    Activations come on top and depend on the batch; the measured peak after the first steps shows them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grads = sum(p.numel() * p.element_size() for p in params)
+    state = optimizer_state_bytes(optimizer_name, params, momentum)
+    total = weights + grads + state
+    return {"params": n, "weights": weights, "grads": grads, "optimizer_state": state,
+            "master_copy": "the fp32 weights themselves" if precision != "fp32" else "none (fp32)",
+            "total": total, "bytes_per_param": total / max(1, n)}
+
+
+def measured_peak_bytes(device: torch.device) -> Dict:
+    """CUDA: max allocated since the start; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
+    import resource
+
+    return {"kind": "cpu_peak_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainrun.data import BatchStream
+from trainrun.diagnostics import measured_peak_bytes
 from trainrun.distill import Distiller
 from trainrun.distributed import all_reduce_sum
 from trainrun.precision import PrecisionPolicy
@@ -177,6 +178,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
                        "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(elapsed, 1e-9)}
             if norm is not None:
                 metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            metrics["peak_mem_mb"] = round(measured_peak_bytes(t.device)["bytes"] / 1024 ** 2, 1)
             if t.precision.scaler.is_enabled():
                 metrics["loss_scale"] = t.precision.scaler.get_scale()
             log(step, metrics)

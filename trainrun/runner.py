@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainrun import checkpoint, distributed, provenance
 from trainrun.config import validate
 from trainrun.data import BatchStream, build_split, sample_inputs
+from trainrun.diagnostics import memory_plan
 from trainrun.distill import Distiller, load_teacher
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
@@ -310,6 +311,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
 
         logger.print(config_tree(cfg, OmegaConf.structured(TrainrunConfig)))
     logger.print(f"data: {split.description}")
+    plan = memory_plan(model, cfg.optimizer.name, cfg.optimizer.momentum, cfg.precision.name)
+    mb = 1024 ** 2
+    logger.print(f"memory plan: {plan['params']:,} params x {plan['bytes_per_param']:.1f} B/param = "
+                 f"{plan['total'] / mb:.2f} MiB (weights {plan['weights'] / mb:.2f}, grads {plan['grads'] / mb:.2f}, "
+                 f"optimizer state {plan['optimizer_state'] / mb:.2f}; master copy: {plan['master_copy']}) "
+                 "+ activations; measured peak logged as peak_mem_mb")
     logger.print(f"model: {cfg.model.name} ({n_params:,} params) | optimizer: {cfg.optimizer.name} "
                  f"lr {optimizer.param_groups[0]['base_lr']:.4g} | schedule: {cfg.schedule.name} | precision: "
                  f"{cfg.precision.name} | device: {device} | global batch {global_batch}"
