@@ -104,3 +104,14 @@ def test_slurm_launcher_config_composes(tmp_path):
                 "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=8", "trainer.parallel=fsdp2",
                 "--cfg", "hydra")
     assert "SlurmLauncher" in p.stdout and "tasks_per_node: 8" in p.stdout and "nodes: 2" in p.stdout
+
+
+def test_an_error_ends_every_rank_and_is_shown_once(tmp_path):
+    p = torchrun(tmp_path, "optimizer.lr=-1", check=False)
+    assert p.returncode != 0
+    assert (p.stdout + p.stderr).count("trainrun: error: optimizer.lr=-1.0: must be > 0") == 1
+    x, y = torch.randn(64, 1, 4, 4), torch.arange(64) % 5  # fails inside the run, after the ranks have started
+    torch.save({"x": x, "y": y}, tmp_path / "five.pt")
+    p = torchrun(tmp_path, "data=tensors", "data.root=five.pt", "data.num_classes=3", "data.batch_size=8",
+                 check=False)
+    assert p.returncode != 0 and (p.stdout + p.stderr).count("labels out of range") == 1

@@ -213,7 +213,11 @@ def preflight(overrides) -> None:
 
 
 def _fail(msg: str) -> None:
-    print(f"trainrun: error: {msg}", file=sys.stderr, flush=True)
+    from trainrun.distributed import env_info
+
+    # Config, checkpoint and data errors are the same on every rank: under torchrun rank 0 alone reports them.
+    if env_info().rank == 0:
+        print(f"trainrun: error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
