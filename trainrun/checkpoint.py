@@ -12,6 +12,7 @@ replaced (tmp + rename) only after that, so a crash at any point leaves the prev
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -86,7 +87,7 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
                    and (p / META).is_file()), key=lambda p: p.name)
 
 
@@ -96,6 +97,32 @@ def read_pointer(run_dir: Path, name: str) -> Optional[Path]:
         return None
     target = ptr.parent / ptr.read_text().strip()
     return target if target.is_dir() else None
+
+
+def _disk_full(e: Optional[BaseException]) -> bool:
+    """Whether `e` or an error behind it is ENOSPC/EDQUOT (torch.save turns the OSError into a RuntimeError)."""
+    seen = []
+    while e is not None and e not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full_message(run_dir: Path, final: Path, written: int) -> str:
+    """One line: where, how much room a checkpoint needs (the previous one's size) and how much is free, the fix."""
+    prev = read_pointer(run_dir, "latest")
+    need = written
+    try:
+        need = max(need, sum(f.stat().st_size for f in prev.iterdir())) if prev is not None else need
+        free = f"{shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept = f"the previous checkpoint {prev.name} is intact" if prev is not None else "no checkpoint was written"
+    return (f"disk full: no space left to write checkpoint {final} (a checkpoint needs about {need / 2**20:.1f} MiB, "
+            f"{free}); {kept}; free disk space or set output_root to a larger disk, then continue with "
+            f"resume={Path(run_dir)}")
 
 
 def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], *, keep_last: int,
@@ -133,12 +160,21 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
+        full = _disk_full(e)
+        written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) if full and tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise CheckpointError(_disk_full_message(run_dir, final, written)) from e
         if isinstance(e, OSError):
             raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); the previous "
                                   f"checkpoint is intact; free disk space or change output_root") from e
         raise
-    _write_text_atomic(root / "latest", final.name + "\n")
+    try:
+        _write_text_atomic(root / "latest", final.name + "\n")
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {final} is complete but {root / 'latest'} could not be updated "
+                              f"({e.strerror or e}) and still names the previous checkpoint; free disk space, "
+                              f"then continue with resume={Path(run_dir)}") from e
     if keep_best and metric is not None and is_better(metric, _pointer_metric(run_dir, "best"), mode):
         _write_text_atomic(root / "best", final.name + "\n")
     _retain(run_dir, keep_last)
@@ -170,6 +206,10 @@ def _retain(run_dir: Path, keep_last: int) -> None:
             keep.add(target.name)
     for p in ckpts:
         if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    root = Path(run_dir) / "checkpoints"
+    for p in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by a writer killed mid-save
+        if not p.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -203,8 +243,14 @@ def load(ckpt_dir: Path, map_location: Any = "cpu") -> Tuple[Dict[str, Any], Dic
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded safely (weights_only): "
-                              f"{str(e).splitlines()[0]}") from e
+        # torch's first line suggests weights_only=False, the one thing never to do with a forged file: show the
+        # line that names what was refused instead (e.g. "unsupported GLOBAL posix.system")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = next((line for line in lines if "nsupported" in line), lines[0]).rstrip(".")
+        raise CheckpointError(f"checkpoint {ckpt_dir} cannot be loaded safely (weights_only): {why}; a trainrun "
+                              "checkpoint holds only tensors and plain values, so this file was not written by "
+                              "trainrun or was tampered with: do not load it with weights_only=False, resume from "
+                              "another checkpoint") from e
     return state, meta
 
 
@@ -242,3 +288,19 @@ def candidates(spec: str, output_root: Path, run_name: Optional[str] = None, key
 def is_latest(ckpt_dir: Path) -> bool:
     latest = read_pointer(run_dir_of(ckpt_dir), "latest")
     return latest is not None and latest.resolve() == Path(ckpt_dir).resolve()
+
+
+def save_badstep(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> Path:
+    """`checkpoints/step_N.badstep/`: the state at a step the NaN guard caught, for triage (`mode=eval resume=` it,
+    or load it with `checkpoint.load`). Same files and SHA256 check as a checkpoint, but never a resume candidate:
+    `latest`, `best` and retention ignore it."""
+    root = Path(run_dir) / "checkpoints"
+    scratch = root / f".badstep-{step}-{os.getpid()}"
+    written, _ = save(scratch, step, state, meta, keep_last=1, keep_best=False)
+    dest = root / f"{step_name(step)}.badstep"
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.rename(written, dest)
+    shutil.rmtree(scratch, ignore_errors=True)
+    _fsync_dir(root)
+    return dest

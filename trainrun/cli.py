@@ -112,7 +112,7 @@ def _task(cfg: DictConfig):
             final = run(cfg, run_dir, overrides)
         except TrainrunError as e:
             sys.stdout.flush()
-            _fail(str(e))
+            _fail(str(e), getattr(e, "exit_code", 2))
         return final.get(f"best {cfg.checkpoint.monitor}", final.get(cfg.checkpoint.monitor))
     return _sweep_job(cfg, run_dir, overrides, run)
 
@@ -212,13 +212,13 @@ def preflight(overrides) -> None:
         _fail(_one_line(e))
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 2) -> None:
     from trainrun.distributed import env_info
 
     # Config, checkpoint and data errors are the same on every rank: under torchrun rank 0 alone reports them.
     if env_info().rank == 0:
         print(f"trainrun: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main() -> None:

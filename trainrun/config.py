@@ -93,6 +93,7 @@ class PrecisionConfig:
     init_scale: float = 65536.0  # fp16 GradScaler
     growth_interval: int = 2000  # fp16 GradScaler
     allow_tf32: bool = True  # CUDA matmul/cudnn in tf32 when the precision is fp32
+    grad_scaler: bool = True  # fp16: dynamic loss scaling (off only to study underflow: +fault=fp16_no_scaler)
 
 
 @dataclass
@@ -203,6 +204,21 @@ class LrFindConfig:
 
 
 @dataclass
+class DoctorConfig:
+    nan_guard: str = "halt"  # halt | skip | off: non-finite inputs/loss/grad norm or labels out of range, every step
+    max_consecutive_skips: int = 10  # nan_guard=skip: halt after this many bad steps in a row
+    badstep_checkpoints: int = 3  # at most this many .badstep checkpoints per run
+    min_loss_scale: float = 1.0  # fp16: a GradScaler scale below this is reported as a scale collapse
+    detect_anomaly: bool = False  # torch.autograd.set_detect_anomaly (slow; names the backward op that made NaN)
+    stats_every: int = 0  # optimizer steps between gradient/activation statistics (stats.jsonl); 0 = off
+    overfit_steps: int = 300  # mode=overfit_batch: most steps on the one batch
+    overfit_loss: float = 0.05  # mode=overfit_batch: passes when the batch's mean loss falls below this
+    fault: str = "none"  # deliberate failure for teaching and tests (+fault=NAME): none | permuted_labels | no_zero_grad | reduction_sum
+    inject_nan_step: int = 0  # tests/teaching: make `inject_nan_layer`'s output NaN at this optimizer step (1-based)
+    inject_nan_layer: str = ""  # module name, as in model.named_modules()
+
+
+@dataclass
 class TrainrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
@@ -217,8 +233,9 @@ class TrainrunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     seed: int = 0
-    mode: str = "train"  # train | eval | init_report | lr_find
+    mode: str = "train"  # train | eval | init_report | lr_find | overfit_batch
     resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it
@@ -249,7 +266,9 @@ CHOICES = {
     "logger.mode": ("online", "offline", "disabled"),
     "checkpoint.monitor_mode": ("max", "min"),
     "determinism": ("off", "warn", "error"),
-    "mode": ("train", "eval", "init_report", "lr_find"),
+    "mode": ("train", "eval", "init_report", "lr_find", "overfit_batch"),
+    "doctor.nan_guard": ("halt", "skip", "off"),
+    "doctor.fault": ("none", "permuted_labels", "no_zero_grad", "reduction_sum"),
     "trainer.parallel": ("ddp", "fsdp2"),
     "model.activation": ("relu", "gelu", "tanh", "silu"),
 }
@@ -303,7 +322,9 @@ def validate(cfg: DictConfig) -> None:
                 "schedule.final_div_factor", "optimizer.alpha", "curriculum.self_paced_threshold",
                 "curriculum.self_paced_growth", "distillation.temperature", "model.patch_size", "model.width",
                 "model.layers", "model.heads", "model.mlp_ratio", "lr_find.start_lr", "lr_find.end_lr",
-                "lr_find.num_steps", "lr_find.diverge"):
+                "lr_find.num_steps", "lr_find.diverge",
+                "doctor.max_consecutive_skips", "doctor.overfit_steps", "doctor.overfit_loss",
+                "doctor.min_loss_scale"):
         positive(key)
     for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
                 "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
@@ -311,7 +332,8 @@ def validate(cfg: DictConfig) -> None:
                 "schedule.patience", "schedule.cooldown", "schedule.threshold", "regularization.focal_gamma",
                 "regularization.mixup_alpha", "regularization.cutmix_alpha", "regularization.early_stopping_patience",
                 "regularization.early_stopping_min_delta", "model.depth", "curriculum.pace_epochs",
-                "distillation.feature_weight"):
+                "distillation.feature_weight", "doctor.stats_every", "doctor.badstep_checkpoints",
+                "doctor.inject_nan_step"):
         positive(key, allow_zero=True)
 
     def unit(key: str, closed: bool = False) -> None:
@@ -371,6 +393,11 @@ def validate(cfg: DictConfig) -> None:
     shape = list(cfg.data.input_shape)
     if len(shape) != 3 or min(shape) <= 0:
         fail("data.input_shape", "must be [channels, height, width] with positive sizes")
+    if cfg.mode == "overfit_batch" and cfg.resume:
+        fail("resume", "mode=overfit_batch starts from a fresh model; drop resume=")
+    if cfg.doctor.inject_nan_step and not cfg.doctor.inject_nan_layer:
+        fail("doctor.inject_nan_layer", "doctor.inject_nan_step needs the module to poison, e.g. "
+                                        "doctor.inject_nan_layer=3 (see `trainrun mode=init_report` for names)")
     dev = str(cfg.trainer.device)
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         fail("trainer.device", "must be auto, cpu, cuda or cuda:N")

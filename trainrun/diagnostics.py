@@ -96,7 +96,7 @@ def lr_find(model: nn.Module, optimizer: torch.optim.Optimizer, batches, loss_fn
             lr = start_lr * ratio ** i
             for g in optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_mult", 1.0)
-            x, y = next(batches)
+            x, y = next(batches)[:2]
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():

@@ -126,6 +126,13 @@ class RunLogger:
         else:
             self.console.print(f"step {step}/{self.total}  {info}")
 
+    def log_stats(self, step: int, scalars: Dict[str, Any], detail: Dict[str, Any]) -> None:
+        """The doctor's statistics: scalars to metrics.jsonl and wandb, per-layer detail to wandb only (stats.jsonl
+        has everything); nothing on the console."""
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({**scalars, **detail}, step=step)
+
     def advance(self, step: int) -> None:
         if self.progress is not None:
             self.progress.update(self.task, completed=step)

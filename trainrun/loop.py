@@ -6,9 +6,10 @@ fp16) -> unscale -> clip -> optimizer step via the scaler -> scaler update -> sc
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,7 @@ from trainrun.data import BatchStream
 from trainrun.diagnostics import measured_peak_bytes
 from trainrun.distill import Distiller
 from trainrun.distributed import all_reduce_sum
+from trainrun.doctor import Doctor, TrainingHalted
 from trainrun.precision import PrecisionPolicy
 from trainrun.regularization import EMA, BatchAugment
 from trainrun.schedule import Schedule
@@ -57,29 +59,40 @@ class Trainer:
     ema: Optional[EMA] = None
     distill: Optional[Distiller] = None
     world: int = 1  # processes; > 1 under torchrun (metrics are averaged over ranks at log steps)
+    doctor: Optional[Doctor] = None  # the NaN/inf guard and statistics (trainrun.doctor)
+    zero_grad: bool = True  # False only for the no_zero_grad teaching fault
     state: TrainState = field(default_factory=TrainState)
 
 
-def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """An endless stream of micro-batches that keeps `t.state` (epoch, batch_in_epoch) exact."""
+def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """An endless stream of (x, y, sample indices) that keeps `t.state` (epoch, batch_in_epoch) exact."""
     while True:
-        for x, y, _ in t.train.iter_epoch(t.state.epoch, t.state.batch_in_epoch):
+        for x, y, idx in t.train.iter_epoch(t.state.epoch, t.state.batch_in_epoch):
             t.state.batch_in_epoch += 1
-            yield x, y
+            yield x, y, idx
         t.state.epoch += 1
         t.state.batch_in_epoch = 0
 
 
 def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torch.Tensor]:
-    """One optimizer step over `accumulation` micro-batches. Returns device tensors (no host sync)."""
-    t.optimizer.zero_grad(set_to_none=True)
+    """One optimizer step over `accumulation` micro-batches. Returns device tensors; the only host sync is the
+    doctor's guard (one small tensor per step)."""
+    doc = t.doctor
+    if t.zero_grad:
+        t.optimizer.zero_grad(set_to_none=True)
+    if doc is not None:
+        doc.begin_step(t.state.step + 1)
     loss_sum = torch.zeros((), device=t.device)
     correct = torch.zeros((), device=t.device, dtype=torch.long)
     n = 0
     for i in range(t.accumulation):
         _grad_sync(t.model, i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
-        x, y = next(batches)
+        x, y, idx = next(batches)
+        if doc is not None:
+            doc.check_labels(y, idx)
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        if doc is not None:
+            doc.watch(x, y, idx)
         target = y
         if t.augment is not None:
             x, target = t.augment(x, y)  # MixUp/CutMix give probability targets; accuracy uses the hard labels
@@ -93,14 +106,20 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == y).sum()
         n += len(y)
-    norm = t.precision.step(t.optimizer, t.model.parameters(), clip_norm=t.clip_norm,
-                            clip_value=t.clip_value, want_norm=want_norm)
-    if t.ema is not None:
+    norm = t.precision.unscale_and_clip(t.optimizer, t.model.parameters(), clip_norm=t.clip_norm,
+                                        clip_value=t.clip_value, want_norm=want_norm or doc is not None)
+    apply = doc.end_step(loss_sum / t.accumulation, norm) if doc is not None else True
+    if not apply:  # the guard skipped this step (nan_guard=skip): no update, the batch is consumed
+        t.optimizer.zero_grad(set_to_none=True)
+    t.precision.update(t.optimizer, apply)
+    if doc is not None:
+        doc.after_update()
+    if t.ema is not None and apply:
         t.ema.update()
     t.state.step += 1
     t.state.samples += n
     t.schedule.apply(t.optimizer, t.state.step)
-    out = {"loss": loss_sum / t.accumulation, "correct": correct, "n": n}
+    out = {"loss": loss_sum / t.accumulation, "correct": correct, "n": n, "skipped": not apply}
     if norm is not None:
         out["grad_norm"] = norm
     return out
@@ -156,10 +175,11 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
     while t.state.step < stop_at:
         is_log_step = (t.state.step + 1) % log_every == 0 or t.state.step + 1 == stop_at
         out = train_step(t, batches, want_norm=is_log_step)
-        loss_acc += out["loss"]
-        correct_acc += out["correct"]
-        seen += out["n"]
-        steps_in_window += 1
+        if not out["skipped"]:
+            loss_acc += out["loss"]
+            correct_acc += out["correct"]
+            seen += out["n"]
+            steps_in_window += 1
         norm = out.get("grad_norm", norm)
         step = t.state.step
         if is_log_step:
@@ -169,10 +189,11 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
                 loss_acc.fill_(float(totals[0]) / t.world)
                 correct_acc.fill_(int(totals[1]))
                 seen = int(totals[2])
-            loss = float(loss_acc) / steps_in_window  # the one host sync per log interval
-            if loss != loss or loss in (float("inf"), float("-inf")):
-                raise FloatingPointError(f"non-finite training loss ({loss}) at step {step}; lower optimizer.lr, "
-                                         "check the data, or use precision=bf16 instead of fp16")
+            loss = float(loss_acc) / max(1, steps_in_window)  # the one host sync per log interval
+            if loss != loss or loss in (float("inf"), float("-inf")):  # only reachable with doctor.nan_guard=off
+                raise TrainingHalted(f"non-finite training loss ({loss}) in the {steps_in_window} steps up to step "
+                                     f"{step}; re-run with doctor.nan_guard=halt to find the step and the layer, "
+                                     "lower optimizer.lr, or use precision=bf16 instead of fp16")
             elapsed = time.perf_counter() - window_start
             metrics = {"epoch": t.state.epoch, "train/loss": loss, "train/acc": float(correct_acc) / max(1, seen),
                        "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(elapsed, 1e-9)}
@@ -199,3 +220,24 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             window_start = time.perf_counter()
             if should_stop():
                 return
+
+
+def overfit_one_batch(t: Trainer, steps: int, target: float) -> Tuple[List[float], List[float], Optional[str]]:
+    """Train on the first batch of epoch 0 again and again until its loss is below `target` or `steps` ran.
+    Returns the loss and gradient norm of every step, and the doctor's halt message if it stopped the run."""
+    t.model.train()
+    batch = next(micro_batches(t))
+    batches = itertools.repeat(batch)
+    losses: List[float] = []
+    norms: List[float] = []
+    try:
+        for _ in range(steps):
+            out = train_step(t, batches, want_norm=True)
+            loss, norm = torch.stack([out["loss"].float(), out["grad_norm"].float()]).tolist()
+            losses.append(loss)
+            norms.append(norm)
+            if loss < target:
+                break
+    except TrainingHalted as e:
+        return losses, norms, str(e)
+    return losses, norms, None

@@ -15,7 +15,8 @@ class PrecisionPolicy:
         self.dtype = DTYPES[cfg.name]
         # Dynamic loss scaling only for fp16: bf16 has fp32's exponent range and needs none.
         self.scaler = torch.amp.GradScaler(device.type, init_scale=cfg.init_scale,
-                                           growth_interval=cfg.growth_interval, enabled=cfg.name == "fp16")
+                                           growth_interval=cfg.growth_interval,
+                                           enabled=cfg.name == "fp16" and cfg.get("grad_scaler", True))
         if device.type == "cuda":
             tf32 = cfg.allow_tf32 and cfg.name == "fp32"
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -35,6 +36,15 @@ class PrecisionPolicy:
 
         Returns the pre-clip global grad norm as a tensor (no host sync) when asked for or clipping.
         """
+        norm = self.unscale_and_clip(optimizer, params, clip_norm=clip_norm, clip_value=clip_value,
+                                     want_norm=want_norm)
+        self.update(optimizer)
+        return norm
+
+    def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], *,
+                         clip_norm: Optional[float], clip_value: Optional[float],
+                         want_norm: bool) -> Optional[torch.Tensor]:
+        """The first half of `step`: gradients back in true units, the pre-clip global norm, clipping."""
         params = [p for p in params if p.grad is not None]
         self.scaler.unscale_(optimizer)
         norm = None
@@ -44,9 +54,18 @@ class PrecisionPolicy:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, clip_value)
-        self.scaler.step(optimizer)
-        self.scaler.update()
         return norm
+
+    def update(self, optimizer: torch.optim.Optimizer, apply: bool = True) -> None:
+        """The second half: the optimizer step (unless `apply` is False: a step the NaN guard skips) and the
+        scaler's scale update."""
+        if apply:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def scale_tensor(self) -> Optional[torch.Tensor]:
+        """The current loss scale as a device tensor (no host sync), or None without a scaler."""
+        return self.scaler._scale if self.scaler.is_enabled() else None
 
     def state_dict(self):
         return self.scaler.state_dict()

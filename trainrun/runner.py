@@ -23,12 +23,13 @@ from trainrun import checkpoint, distributed, provenance
 from trainrun.config import validate
 from trainrun.data import BatchStream, build_split, sample_inputs
 from trainrun.diagnostics import memory_plan
+from trainrun.doctor import Doctor, SummedLoss, TrainingHalted, overfit_settings, overfit_verdict, permute_labels
 from trainrun.distill import Distiller, load_teacher
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
 from trainrun.init import apply_init
 from trainrun.logging import RunLogger, config_tree, console, print_metrics, trim_metrics
-from trainrun.loop import Trainer, TrainState, evaluate_all, fit
+from trainrun.loop import Trainer, TrainState, evaluate_all, fit, overfit_one_batch
 from trainrun.models import build_model
 from trainrun.optim import apply_hparams, build_optimizer
 from trainrun.precision import DTYPES, PrecisionPolicy
@@ -112,6 +113,37 @@ def pick_device(name: str, info: "distributed.DistInfo" = None) -> torch.device:
     return dev
 
 
+def _overfit_batch(cfg: DictConfig, trainer: Trainer, doctor: Doctor, run_dir: Path, logger: RunLogger) -> Dict:
+    """mode=overfit_batch: can this model, loss and optimizer drive one fixed batch's loss to ~0?"""
+    d = cfg.doctor
+    try:
+        logger.print(f"overfit_batch: one batch of {cfg.data.batch_size} training samples, up to {d.overfit_steps} "
+                     f"steps, passes below loss {d.overfit_loss:g}")
+        losses, norms, halted = overfit_one_batch(trainer, d.overfit_steps, d.overfit_loss)
+        probe = doctor.label_probe()
+        if probe is not None and probe <= 2 / doctor.num_classes:
+            doctor.note("labels_unrelated", doctor.labels_unrelated_message(probe))
+        verdict = overfit_verdict(losses, norms, d.overfit_loss, doctor.findings,
+                                  trainer.optimizer.param_groups[0]["lr"], halted)
+        verdict["findings"] = dict(doctor.findings)
+        if distributed.env_info().is_main:
+            (run_dir / "overfit_batch.json").write_text(json.dumps({**verdict, "losses": losses,
+                                                                    "grad_norms": norms}, indent=2))
+        if verdict["passed"]:
+            logger.print(f"[bold green]overfit_batch PASSED[/] in {verdict['steps']} steps: loss "
+                         f"{verdict['first_loss']:.4g} -> {verdict['final_loss']:.4g}")
+            for cause in verdict["causes"]:  # findings worth knowing even when the batch was memorised
+                logger.print(f"  note: {cause}")
+            return {"passed": True, "steps": verdict["steps"], "final_loss": verdict["final_loss"], "finished": True}
+        logger.print(f"[bold red]overfit_batch FAILED[/] after {verdict['steps']} steps: loss "
+                     f"{verdict['first_loss']:.4g} -> {verdict['final_loss']:.4g} (target < {d.overfit_loss:g})")
+        for cause in verdict["causes"]:
+            logger.print(f"  likely cause: {cause}")
+        raise TrainingHalted(f"overfit_batch failed: {verdict['causes'][0] if verdict['causes'] else 'see above'}")
+    finally:
+        logger.close(0)
+
+
 class _StopFlag:
     """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) / first Ctrl-C ask the loop to checkpoint at the next
     step boundary and exit."""
@@ -141,6 +173,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     t0 = time.perf_counter()
     validate(cfg)
     run_dir = Path(run_dir)
+    overfit_changes = overfit_settings(cfg) if cfg.mode == "overfit_batch" else []
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resumed = None
     if cfg.resume:
@@ -166,6 +199,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     device = pick_device(cfg.trainer.device, info)
 
     split = build_split(cfg.data)
+    if cfg.doctor.fault == "permuted_labels":
+        permute_labels(split.train, cfg.seed)
     model = build_model(cfg.model, split.input_shape, split.num_classes,
                         effective_dropout(cfg.regularization, cfg.model))
     apply_init(model, cfg.init, cfg.model.activation, batch=sample_inputs(split.train, cfg.data.batch_size))
@@ -203,13 +238,27 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     precision = PrecisionPolicy(cfg.precision, device)
     weights = class_weights(reg, split.train.y, split.num_classes)
     loss_fn = build_loss(reg, weights).to(device)
+    if cfg.doctor.fault == "reduction_sum":
+        loss_fn = SummedLoss(loss_fn)
     augment = BatchAugment(reg, split.num_classes)
     ema = EMA(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay > 0 else None
     early = EarlyStopping(reg.early_stopping_patience, reg.early_stopping_min_delta, cfg.checkpoint.monitor_mode,
                           reg.restore_best) if reg.early_stopping_patience > 0 else None
     trainer = Trainer(net, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
                       reg.clip_grad_norm, reg.clip_grad_value, augment if augment.enabled else None, ema,
-                      world=info.world)
+                      world=info.world, zero_grad=cfg.doctor.fault != "no_zero_grad")
+    doc_cfg = cfg.doctor
+    doctor = None
+    if doc_cfg.nan_guard != "off" or doc_cfg.stats_every or doc_cfg.inject_nan_step or cfg.mode == "overfit_batch":
+        stats = info.is_main and (doc_cfg.stats_every > 0 or cfg.mode == "overfit_batch")
+        doctor = Doctor(doc_cfg, net, precision, loss_fn, split.num_classes, world=info.world,
+                        reduce_sum=distributed.all_reduce_sum, stats_path=run_dir / "stats.jsonl" if stats else None,
+                        lr=lambda: optimizer.param_groups[0]["lr"], probe_data=(split.train, split.val),
+                        badsteps_path=run_dir / "badsteps.jsonl" if info.is_main else None)
+        if cfg.mode == "overfit_batch" and not doc_cfg.stats_every:
+            doctor.probe_every = 25
+        trainer.doctor = doctor
+    torch.autograd.set_detect_anomaly(bool(doc_cfg.detect_anomaly))
     if info.enabled:
         seed_everything(cfg.seed, info.rank)  # per-rank streams for dropout, MixUp, ... from here on
     if cfg.distillation.name != "off":
@@ -334,6 +383,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
 
     def on_eval(metrics: Dict[str, float]) -> None:
         trainer.state.last_eval_step = trainer.state.step
+        if doctor is not None:
+            doctor.on_eval(trainer.state.step, metrics.get("val/acc"))
         value = metrics.get(monitor)
         schedule.on_eval(value)
         if value is not None and checkpoint.is_better(value, trainer.state.best_metric, mode):
@@ -349,10 +400,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
                 trainer.state.last_eval = evaluate_all(trainer)
                 logger.print(f"restored the best weights (step {early.best_step})")
 
-    def save() -> None:
+    def state_now() -> Dict[str, Any]:
         s = trainer.state
-        if last_saved["step"] == s.step:
-            return
         state = {
             "model": distributed.full_model_state(net, parallel),
             "optimizer": distributed.full_optimizer_state(net, optimizer, parallel),
@@ -371,7 +420,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             state["curriculum"] = curriculum.state_dict()
         if trainer.distill is not None:
             state["distill"] = trainer.distill.state_dict()
-        meta = {
+        return state
+
+    def meta_now() -> Dict[str, Any]:
+        s = trainer.state
+        return {
             "run_dir": str(run_dir.resolve()),
             "epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch, "total_steps": total, "seed": cfg.seed,
             "metrics": s.last_eval if s.last_eval_step == s.step else {},
@@ -389,6 +442,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
             "teacher": trainer.distill.teacher_info if trainer.distill is not None else None,
             **env,
         }
+
+    def save() -> None:
+        s = trainer.state
+        if last_saved["step"] == s.step:
+            return
+        state, meta = state_now(), meta_now()
         metric = s.last_eval.get(monitor) if s.last_eval_step == s.step else None
         sha = None
         if info.is_main:  # one writer; every rank took part in gathering the state above
@@ -396,6 +455,23 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
                                      metric=metric, mode=mode, keep_best=cfg.checkpoint.keep_best)
         distributed.barrier()
         last_saved.update(sha=sha, step=s.step)
+
+    def save_badstep(report: Dict[str, Any]) -> Optional[Path]:
+        """The state before the bad update (step = the bad step), with the report and the batch's sample indices."""
+        step = trainer.state.step + 1
+        state = {**state_now(), "badstep": {k: v for k, v in report.items() if k != "activations"}}
+        meta = {**meta_now(), "badstep": {k: report[k] for k in ("step", "problem", "batch_indices")}}
+        path = checkpoint.save_badstep(run_dir, step, state, meta) if info.is_main else None
+        distributed.barrier()
+        return path
+
+    if doctor is not None:
+        doctor.save_badstep, doctor.say = save_badstep, logger.print
+        doctor.log = logger.log_stats if info.is_main else None
+    if cfg.mode == "overfit_batch":
+        if overfit_changes:
+            logger.print("overfit_batch turned off: " + "; ".join(overfit_changes))
+        return _overfit_batch(cfg, trainer, doctor, run_dir, logger)
 
     exit_code = 1
     try:
