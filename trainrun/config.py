@@ -184,6 +184,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda means cuda:LOCAL_RANK)
     parallel: str = "ddp"  # under torchrun: ddp | fsdp2 (torch.distributed.fsdp.fully_shard)
     sync_batchnorm: bool = False  # under torchrun: convert BatchNorm to SyncBatchNorm
+    compile: bool = False  # torch.compile the training/eval forward (checkpoints stay prefix-free)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    channels_last: bool = False  # NHWC memory format for 4-D inputs and conv weights (faster convs on GPU/CPU)
 
 
 @dataclass
@@ -270,6 +273,7 @@ CHOICES = {
     "doctor.nan_guard": ("halt", "skip", "off"),
     "doctor.fault": ("none", "permuted_labels", "no_zero_grad", "reduction_sum"),
     "trainer.parallel": ("ddp", "fsdp2"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune"),
     "model.activation": ("relu", "gelu", "tanh", "silu"),
 }
 

@@ -61,6 +61,7 @@ class Trainer:
     world: int = 1  # processes; > 1 under torchrun (metrics are averaged over ranks at log steps)
     doctor: Optional[Doctor] = None  # the NaN/inf guard and statistics (trainrun.doctor)
     zero_grad: bool = True  # False only for the no_zero_grad teaching fault
+    channels_last: bool = False  # 4-D inputs go to the model in NHWC memory format
     state: TrainState = field(default_factory=TrainState)
 
 
@@ -90,7 +91,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         x, y, idx = next(batches)
         if doc is not None:
             doc.check_labels(y, idx)
-        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        x, y = _to_device(x, t.device, t.channels_last), y.to(t.device, non_blocking=True)
         if doc is not None:
             doc.watch(x, y, idx)
         target = y
@@ -125,6 +126,12 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     return out
 
 
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    if channels_last and x.ndim == 4:
+        return x.to(device, memory_format=torch.channels_last, non_blocking=True)
+    return x.to(device, non_blocking=True)
+
+
 def _grad_sync(model: nn.Module, on: bool) -> None:
     if hasattr(model, "require_backward_grad_sync"):  # DDP
         model.require_backward_grad_sync = on
@@ -135,21 +142,22 @@ def _grad_sync(model: nn.Module, on: bool) -> None:
 def evaluate_all(t: Trainer) -> Dict[str, float]:
     """val/* from the EMA weights when EMA is on (val_raw/* then holds the raw weights), else the raw weights."""
     if t.ema is None:
-        return evaluate(t.model, t.val, t.precision, t.device)
-    raw = evaluate(t.model, t.val, t.precision, t.device)
-    return {**evaluate(t.ema.module, t.val, t.precision, t.device),
+        return evaluate(t.model, t.val, t.precision, t.device, t.channels_last)
+    raw = evaluate(t.model, t.val, t.precision, t.device, t.channels_last)
+    return {**evaluate(t.ema.module, t.val, t.precision, t.device, t.channels_last),
             **{k.replace("val/", "val_raw/"): v for k, v in raw.items()}}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device) -> Dict[str, float]:
+def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device,
+             channels_last: bool = False) -> Dict[str, float]:
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
     for x, y, _ in stream.iter_epoch(0):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with precision.autocast():
             logits = model(x)
         loss += F.cross_entropy(logits.float(), y, reduction="sum").double()

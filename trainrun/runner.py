@@ -207,7 +207,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     reg = cfg.regularization
     if reg.stochastic_depth > 0:
         add_stochastic_depth(model, reg.stochastic_depth)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last) if cfg.trainer.channels_last else model.to(device)
     if device.type == "cuda" and hasattr(split.train, "x"):  # small in-memory sets live on the GPU
         for ds in (split.train, split.val):
             ds.x, ds.y = ds.x.to(device), ds.y.to(device)
@@ -244,9 +244,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     ema = EMA(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay > 0 else None
     early = EarlyStopping(reg.early_stopping_patience, reg.early_stopping_min_delta, cfg.checkpoint.monitor_mode,
                           reg.restore_best) if reg.early_stopping_patience > 0 else None
-    trainer = Trainer(net, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
+    # The compiled module runs the steps; `net`/`model` stay the uncompiled owners of the weights, so
+    # checkpoints, EMA and the doctor's hooks never see torch.compile's `_orig_mod.` prefix.
+    runner_net = torch.compile(net, mode=cfg.trainer.compile_mode) if cfg.trainer.compile else net
+    trainer = Trainer(runner_net, optimizer, schedule, precision, loss_fn, train, val, device, total, acc,
                       reg.clip_grad_norm, reg.clip_grad_value, augment if augment.enabled else None, ema,
-                      world=info.world, zero_grad=cfg.doctor.fault != "no_zero_grad")
+                      world=info.world, zero_grad=cfg.doctor.fault != "no_zero_grad",
+                      channels_last=cfg.trainer.channels_last)
     doc_cfg = cfg.doctor
     doctor = None
     if doc_cfg.nan_guard != "off" or doc_cfg.stats_every or doc_cfg.inject_nan_step or cfg.mode == "overfit_batch":
