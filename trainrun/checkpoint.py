@@ -208,7 +208,7 @@ def _retain(run_dir: Path, keep_last: int) -> None:
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
     root = Path(run_dir) / "checkpoints"
-    for p in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:  # left by a writer killed mid-save
+    for p in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*"), *root.glob(".badstep-*")]:  # left by a writer killed mid-save
         if not p.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(p, ignore_errors=True)
 
