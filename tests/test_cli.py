@@ -108,6 +108,16 @@ def test_resume_refuses_model_or_precision_change_and_warns_on_lr(cli):
     assert rows[-1]["step"] == 12
 
 
+def test_resume_needs_only_the_run_dir_the_checkpoint_brings_its_config(cli):
+    """`trainrun resume=RUN` continues with the recipe and overrides the run was started with."""
+    cli("+recipe=digits_mlp_fp32", "optimizer.lr=0.003", "trainer.max_steps=10", "run_name=whole")
+    cli("+recipe=digits_mlp_fp32", "optimizer.lr=0.003", "trainer.max_steps=10", "trainer.stop_at_step=4",
+        "run_name=cut")
+    p = cli("resume=runs/cut")
+    assert "changed config" not in p.stdout + p.stderr
+    assert sha_of(cli.dir / "runs/cut", 10) == sha_of(cli.dir / "runs/whole", 10)
+
+
 def test_branching_from_an_older_checkpoint_never_overwrites(cli):
     cli("run_name=base", "trainer.max_steps=20", "trainer.ckpt_every=5", "checkpoint.keep_last=10")
     old = sha_of(cli.dir / "runs/base", 20)

@@ -108,8 +108,13 @@ def _task(cfg: DictConfig):
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     if hc.mode != RunMode.MULTIRUN:
+        defaults = None
+        if cfg.resume:
+            from hydra import compose
+
+            defaults = compose(config_name="config")  # what the config would be without this command's overrides
         try:
-            final = run(cfg, run_dir, overrides)
+            final = run(cfg, run_dir, overrides, defaults)
         except TrainrunError as e:
             sys.stdout.flush()
             _fail(str(e), getattr(e, "exit_code", 2))
@@ -191,7 +196,7 @@ def preflight(overrides) -> None:
     from hydra import compose, initialize_config_dir
 
     from trainrun.config import validate
-    from trainrun.runner import check_resume_compatible
+    from trainrun.runner import adopt_checkpoint_config, check_resume_compatible
 
     try:
         with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
@@ -205,6 +210,9 @@ def preflight(overrides) -> None:
             from trainrun import checkpoint
 
             meta = checkpoint.read_meta(checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0])
+            with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
+                defaults = compose("config")
+            cfg = adopt_checkpoint_config(cfg, defaults, list(overrides), meta["config"]["resolved"])
             check_resume_compatible(meta["config"]["resolved"], OmegaConf.to_container(cfg, resolve=True))
     except TrainrunError as e:
         _fail(str(e))

@@ -71,6 +71,25 @@ def check_resume_compatible(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tu
     return changes
 
 
+def adopt_checkpoint_config(cfg: DictConfig, defaults: DictConfig, overrides: List[str],
+                            saved: Dict[str, Any]) -> DictConfig:
+    """A resume continues the run as it was configured: the checkpoint's resolved config, plus what this command
+    changes on purpose (keys that differ from the defaults or that an override names, a group override naming its
+    whole section) and the per-invocation keys (IGNORE_ON_RESUME). So `trainrun resume=RUN` needs no repeat of the
+    original overrides or recipe, and `trainrun resume=RUN trainer.max_steps=2000` extends it."""
+    from trainrun.config import TrainrunConfig
+
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    base = _flatten(OmegaConf.to_container(defaults, resolve=True))
+    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    under = lambda k, prefixes: any(k == p or k.startswith(p + ".") for p in prefixes)  # noqa: E731
+    merged = OmegaConf.create(saved)
+    for key, value in new.items():
+        if new.get(key) != base.get(key) or under(key, named) or under(key, IGNORE_ON_RESUME):
+            OmegaConf.update(merged, key, value, force_add=True)
+    return OmegaConf.merge(OmegaConf.structured(TrainrunConfig), merged)
+
+
 def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
     """The newest loadable checkpoint the spec points to; falls back past corrupt ones with a warning."""
     errors = []
@@ -169,7 +188,10 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -> Dict[str, float]:
+def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
+        defaults: Optional[DictConfig] = None) -> Dict[str, float]:
+    """`defaults`: the config composed without this command's overrides; given, a resume adopts the
+    checkpoint's config (see adopt_checkpoint_config)."""
     t0 = time.perf_counter()
     validate(cfg)
     run_dir = Path(run_dir)
@@ -178,6 +200,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None) -
     resumed = None
     if cfg.resume:
         ckpt_dir, state_dict, meta = load_resume(cfg.resume, cfg)
+        if cfg.mode == "train" and defaults is not None:
+            cfg = adopt_checkpoint_config(cfg, defaults, list(overrides or []), meta["config"]["resolved"])
+            validate(cfg)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
         if cfg.mode == "train":
             for k, a, b in check_resume_compatible(meta["config"]["resolved"], resolved):
                 log.warning("resume with a changed config: %s %r -> %r", k, a, b)
