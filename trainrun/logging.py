@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from rich.console import Console
+
+from trainrun.errors import TrainrunError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -115,7 +117,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         row = {"step": step, "time": round(time.time(), 3), **metrics}
-        self.file.write(json.dumps(row) + "\n")
+        self._write(row)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.mode == "off":
@@ -126,10 +128,17 @@ class RunLogger:
         else:
             self.console.print(f"step {step}/{self.total}  {info}")
 
+    def _write(self, row: Dict[str, Any]) -> None:
+        try:
+            self.file.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk mid-run: one line, the checkpoints already written stay valid
+            raise TrainrunError(f"could not write {self.run_dir / METRICS_FILE} ({e.strerror or e}); free disk space, "
+                                f"then continue with resume={self.run_dir}") from e
+
     def log_stats(self, step: int, scalars: Dict[str, Any], detail: Dict[str, Any]) -> None:
         """The doctor's statistics: scalars to metrics.jsonl and wandb, per-layer detail to wandb only (stats.jsonl
         has everything); nothing on the console."""
-        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
+        self._write({"step": step, "time": round(time.time(), 3), **scalars})
         if self.wandb is not None:
             self.wandb.log({**scalars, **detail}, step=step)
 
