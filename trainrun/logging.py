@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from rich.console import Console
-
-from trainrun.errors import TrainrunError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from trainrun.errors import TrainrunError
 
 METRICS_FILE = "metrics.jsonl"
 
