@@ -143,7 +143,6 @@ class Doctor:
         self.underflow: Optional[Dict] = None  # last fp16 gradient-underflow measurement
         self._step = 0
         self._batches: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._bad_x = self._bad_y = None
         self._hooks: List = []
         self._acts: Dict[str, Dict] = {}
         self._grad_probe: Dict[str, float] = {}
@@ -151,6 +150,9 @@ class Doctor:
         self._stats_row: Optional[Dict] = None
         self.probe_every = cfg.stats_every
         self._inject = None
+        self._first_param = next((p for p in self.net.parameters() if p.requires_grad), None)
+        # in-memory datasets had their labels validated at load: no per-step label check for them
+        self._labels_validated = probe_data is not None and hasattr(probe_data[0], "x")
         if cfg.inject_nan_step:
             modules = dict(self.net.named_modules())
             if cfg.inject_nan_layer not in modules:
@@ -164,9 +166,9 @@ class Doctor:
         """`step` is the 1-based optimizer step about to run; called right after the loop's zero_grad."""
         self._step = step
         self._batches = []
-        self._bad_x = self._bad_y = None
-        carried = [n for n, p in self.net.named_parameters() if p.grad is not None]
-        if carried and step > 1:
+        # zero_grad(set_to_none=True) clears every .grad at once, so the first trainable parameter tells
+        if step > 1 and self._first_param is not None and self._first_param.grad is not None:
+            carried = [n for n, p in self.net.named_parameters() if p.grad is not None]
             self._halt_now("gradients_carried_over",
                            f"gradients from the previous step were still in .grad when step {step} began "
                            f"({len(carried)} tensors, e.g. {carried[0]}): they are never cleared, so every update "
@@ -182,25 +184,21 @@ class Doctor:
 
     def check_labels(self, y: torch.Tensor, idx: torch.Tensor) -> None:
         """Labels still on the host are checked before anything uses them: cross-entropy on an out-of-range label
-        raises (CPU) or kills the process with a device assert (CUDA). Labels already on the GPU (in-memory data)
-        were validated at load and are checked with the step's flags."""
-        if not self.guard or y.is_floating_point() or y.device.type != "cpu" or not len(y):
+        raises (CPU) or kills the process with a device assert (CUDA). Labels already on the GPU are those of
+        in-memory datasets, validated when they were loaded."""
+        if not self.guard or self._labels_validated or y.is_floating_point() or y.device.type != "cpu" or not len(y):
             return
-        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+        lo, hi = torch.aminmax(y)
+        if int(lo) < 0 or int(hi) >= self.num_classes:
             self._batches.append((y.new_zeros(()), y, idx))
             self._bad_step(f"labels outside [0, {self.num_classes})", float("nan"), float("nan"), float("nan"))
 
     def watch(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
-        """One micro-batch about to be used: its inputs must be finite and its labels in [0, num_classes)."""
+        """One micro-batch about to be used. Non-finite inputs always make the loss non-finite, so they are looked
+        for only on a bad step (no per-step cost)."""
         self._batches.append((x, y, idx))
         if self.batch_size is None:
             self.batch_size = len(y)
-        if not self.guard:
-            return
-        bad_x = ~torch.isfinite(x).all() if x.is_floating_point() else torch.zeros((), dtype=torch.bool, device=x.device)
-        bad_y = ((y < 0) | (y >= self.num_classes)).any() if not y.is_floating_point() else ~torch.isfinite(y).all()
-        self._bad_x = bad_x if self._bad_x is None else self._bad_x | bad_x
-        self._bad_y = bad_y if self._bad_y is None else self._bad_y | bad_y
 
     def end_step(self, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> bool:
         """Gradients are unscaled (and clipped), the optimizer has not stepped. Returns whether to apply the update;
@@ -212,23 +210,23 @@ class Doctor:
             return True
         if norm is not None and hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        nan = torch.full((), float("nan"), device=loss.device)
         scale = self.precision.scale_tensor()
-        vals = torch.stack([self._bad_x.float(), self._bad_y.float(), loss.detach().float(),
-                            norm.float() if norm is not None else nan,
-                            scale.float().reshape(()) if scale is not None else nan])
+        parts = [loss.detach().float().reshape(1)]
+        if norm is not None:
+            parts.append(norm.float().reshape(1))
+        if scale is not None:
+            parts.append(scale.float().reshape(1))
+        vals = torch.cat(parts)
         if self.world > 1 and self.reduce_sum is not None:  # every rank must take the same decision
-            flags = torch.stack([vals[0], vals[1], (~torch.isfinite(vals[2])).float()])
-            flags = self.reduce_sum(flags)
-            vals = torch.cat([flags[:2], torch.where(flags[2] > 0, nan, vals[2]).reshape(1), vals[3:]])
-        bad_x, bad_y, loss_v, norm_v, scale_v = vals.tolist()
+            bad = self.reduce_sum((~torch.isfinite(vals[:1])).float())
+            vals = torch.cat([torch.where(bad > 0, torch.full_like(bad, float("nan")), vals[:1]), vals[1:]])
+        got = vals.tolist()
+        loss_v = got[0]
+        norm_v = got[1] if norm is not None else float("nan")
+        scale_v = got[-1] if scale is not None else float("nan")
         scaler_on = scale is not None
         problem = None
-        if bad_x:
-            problem = "non-finite values in the input batch"
-        elif bad_y:
-            problem = f"labels outside [0, {self.num_classes})"
-        elif not math.isfinite(loss_v):
+        if not math.isfinite(loss_v):
             problem = f"non-finite loss ({loss_v})"
         elif norm is not None and not math.isfinite(norm_v):
             if scaler_on:  # fp16 overflow: GradScaler skips this step and halves the scale; that is its job
@@ -286,6 +284,9 @@ class Doctor:
     # -- the bad step -----------------------------------------------------------------------------------------
     def _bad_step(self, problem: str, loss_v: float, norm_v: float, scale_v: float) -> bool:
         step = self._step
+        if problem.startswith("non-finite") and any(x.is_floating_point() and not bool(torch.isfinite(x).all())
+                                                    for x, _, _ in self._batches):
+            problem = "non-finite values in the input batch"
         report = {"step": step, "problem": problem, "loss": loss_v, "grad_norm": norm_v, "lr": self.lr(),
                   "precision": self.precision.name,
                   "batch_indices": [idx.tolist() for _, _, idx in self._batches]}

@@ -63,6 +63,10 @@ class Trainer:
     zero_grad: bool = True  # False only for the no_zero_grad teaching fault
     channels_last: bool = False  # 4-D inputs go to the model in NHWC memory format
     state: TrainState = field(default_factory=TrainState)
+    params: List[torch.Tensor] = field(default_factory=list)  # trainable parameters, listed once
+
+    def __post_init__(self):
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
 
 def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -107,9 +111,10 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         loss_sum += loss.detach()
         correct += (logits.detach().argmax(1) == y).sum()
         n += len(y)
-    norm = t.precision.unscale_and_clip(t.optimizer, t.model.parameters(), clip_norm=t.clip_norm,
+    norm = t.precision.unscale_and_clip(t.optimizer, t.params, clip_norm=t.clip_norm,
                                         clip_value=t.clip_value, want_norm=want_norm or doc is not None)
-    apply = doc.end_step(loss_sum / t.accumulation, norm) if doc is not None else True
+    mean_loss = loss_sum / t.accumulation if t.accumulation > 1 else loss_sum
+    apply = doc.end_step(mean_loss, norm) if doc is not None else True
     if not apply:  # the guard skipped this step (nan_guard=skip): no update, the batch is consumed
         t.optimizer.zero_grad(set_to_none=True)
     t.precision.update(t.optimizer, apply)
@@ -120,7 +125,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     t.state.step += 1
     t.state.samples += n
     t.schedule.apply(t.optimizer, t.state.step)
-    out = {"loss": loss_sum / t.accumulation, "correct": correct, "n": n, "skipped": not apply}
+    out = {"loss": mean_loss, "correct": correct, "n": n, "skipped": not apply}
     if norm is not None:
         out["grad_norm"] = norm
     return out

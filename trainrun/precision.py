@@ -9,6 +9,17 @@ import torch
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def total_norm(grads) -> torch.Tensor:
+    """The global L2 norm as a device tensor. Plain same-device tensors take a short path (one fused per-tensor
+    norm, one stack); anything else (DTensors under FSDP2, several devices) goes through torch's get_total_norm."""
+    if not grads:
+        return torch.zeros(())
+    first = grads[0]
+    if type(first) is torch.Tensor and all(type(g) is torch.Tensor and g.device == first.device for g in grads):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads)
+
+
 class PrecisionPolicy:
     def __init__(self, cfg, device: torch.device):
         self.name, self.device = cfg.name, device
@@ -46,12 +57,13 @@ class PrecisionPolicy:
                          want_norm: bool) -> Optional[torch.Tensor]:
         """The first half of `step`: gradients back in true units, the pre-clip global norm, clipping."""
         params = [p for p in params if p.grad is not None]
-        self.scaler.unscale_(optimizer)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(optimizer)
         norm = None
         if clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
         elif want_norm or clip_value is not None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = total_norm([p.grad for p in params])
         if clip_value is not None:
             torch.nn.utils.clip_grad_value_(params, clip_value)
         return norm
