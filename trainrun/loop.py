@@ -87,8 +87,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         t.optimizer.zero_grad(set_to_none=True)
     if doc is not None:
         doc.begin_step(t.state.step + 1)
-    loss_sum = torch.zeros((), device=t.device)
-    correct = torch.zeros((), device=t.device, dtype=torch.long)
+    loss_sum = correct = None
     n = 0
     for i in range(t.accumulation):
         _grad_sync(t.model, i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
@@ -108,8 +107,9 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         else:
             loss = t.loss_fn(logits.float(), target)  # the loss is always computed in fp32
         t.precision.backward(loss / t.accumulation)
-        loss_sum += loss.detach()
-        correct += (logits.detach().argmax(1) == y).sum()
+        hits = (logits.detach().argmax(1) == y).sum()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        correct = hits if correct is None else correct + hits
         n += len(y)
     norm = t.precision.unscale_and_clip(t.optimizer, t.params, clip_norm=t.clip_norm,
                                         clip_value=t.clip_value, want_norm=want_norm or doc is not None)
