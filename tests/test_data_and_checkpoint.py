@@ -358,6 +358,21 @@ def test_imagefolder_workers_give_same_batches(folder_split):
     assert _same(e0[1:], tail)
 
 
+def test_imagefolder_persistent_workers_give_same_batches(folder_split):
+    """Workers kept alive across epochs (and a prefetch factor) change no batch: every epoch, a mid-epoch start
+    and an epoch abandoned half-way (max_steps, a stop signal) give exactly the batches of num_workers=0."""
+    s = build_split(data_cfg(name="imagefolder", root=str(folder_split), image_size=8, augment=True))
+    ref = _stream(s, seed=3, num_workers=0)
+    keep = BatchStream(s.train, 4, 3, shuffle=True, drop_last=False, num_workers=2, persistent_workers=True,
+                       prefetch_factor=3)
+    first = next(keep.iter_epoch(0))  # abandoned after one batch
+    assert _same([tuple(t.clone() for t in first)], _epoch(ref, 0)[:1])
+    for epoch in (0, 1, 2):
+        assert _same(_epoch(keep, epoch), _epoch(ref, epoch))
+    assert _same([tuple(t.clone() for t in b) for b in keep.iter_epoch(1, start=1)], _epoch(ref, 1)[1:])
+    assert keep._loader is not None and keep._loader.persistent_workers  # one loader, reused by every epoch
+
+
 def test_imagefolder_missing_root(tmp_path):
     with pytest.raises(DataError, match="not found"):
         build_split(data_cfg(name="imagefolder", root=str(tmp_path / "none")))
@@ -623,3 +638,17 @@ def test_full_state_round_trip_hash_stable(tmp_path):
     loaded["trainer"] = {"step": 3, "epoch": 0, "batch_in_epoch": 3, "best": None}  # rebuilt from literals
     _, sha2 = ck.save(tmp_path / "r2", 1, loaded, {}, keep_last=1)
     assert sha1 == sha2
+
+
+def test_imagefolder_through_the_cli_workers_do_not_change_training(folder_split, tmp_path):
+    """Persistent DataLoader workers (the default with num_workers > 0) train bitwise like no workers, across
+    epochs, and a stop + resume in the middle lands on the same checkpoint. Dropout makes the global RNG stream
+    matter: DataLoader iterators must not draw from it (they used to, once per epoch and per resume)."""
+    from conftest import FAST, run_cli, sha_of
+
+    common = ["data=imagefolder", f"data.root={folder_split}", "data.image_size=12", "data.batch_size=4",
+              "data.augment=true", "model=cnn", "model.dropout=0.2", "trainer.epochs=3", *FAST]
+    run_cli(tmp_path, *common, "data.num_workers=0", "run_name=w0")
+    run_cli(tmp_path, *common, "data.num_workers=2", "run_name=w2", "trainer.stop_at_step=4")
+    run_cli(tmp_path, "resume=runs/w2", *FAST)
+    assert sha_of(tmp_path / "runs/w2", 9) == sha_of(tmp_path / "runs/w0", 9)

@@ -151,6 +151,8 @@ class DataConfig:
     val_fraction: float = 0.2  # digits / mnist5k / synthetic / imagefolder without a val/ folder
     split_seed: int = 0  # the train/val split does not move with `seed`
     num_workers: int = 0  # DataLoader workers for image-file datasets
+    persistent_workers: bool = True  # with num_workers > 0: keep the workers alive across epochs
+    prefetch_factor: Optional[int] = None  # with num_workers > 0: batches each worker loads ahead (None: torch's 2)
     image_size: int = 32  # imagefolder: resize to this square size
     augment: bool = False  # random crop + horizontal flip (image datasets)
     limit_train: Optional[int] = None  # use only the first N training samples (smoke runs)
@@ -328,7 +330,7 @@ def validate(cfg: DictConfig) -> None:
                 "model.layers", "model.heads", "model.mlp_ratio", "lr_find.start_lr", "lr_find.end_lr",
                 "lr_find.num_steps", "lr_find.diverge",
                 "doctor.max_consecutive_skips", "doctor.overfit_steps", "doctor.overfit_loss",
-                "doctor.min_loss_scale"):
+                "doctor.min_loss_scale", "data.prefetch_factor"):
         positive(key)
     for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
                 "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",

@@ -247,9 +247,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
     global_batch = cfg.data.batch_size * acc * info.world
     train = BatchStream(split.train, cfg.data.batch_size, cfg.seed, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        rank=info.rank, world=info.world)
+                        rank=info.rank, world=info.world, persistent_workers=cfg.data.persistent_workers,
+                        prefetch_factor=cfg.data.prefetch_factor)
     val = BatchStream(split.val, cfg.data.eval_batch_size, cfg.seed, shuffle=False, drop_last=False,
-                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
     if train.batches_per_epoch < acc:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} x trainer.accumulation_steps={acc} x "
                           f"{info.world} processes exceeds the {len(split.train)} training samples; lower one of them")

@@ -20,6 +20,30 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**62)
 
 
+def _private_generator() -> torch.Generator:
+    """Every DataLoader iterator draws a base seed for its workers from its generator, by default the global
+    torch RNG, even with no workers: that would make the RNG stream (dropout, MixUp, ...) depend on how many
+    iterators were started, so a resumed run or another worker count would drift. Sample randomness comes from
+    the per-sample seeds instead, so the loaders get a private generator."""
+    return torch.Generator().manual_seed(0)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The batch sampler of a persistent DataLoader: yields the keyed batches of the epoch being iterated.
+
+    Batches are drawn in the main process, so the workers kept alive across epochs still receive exactly the
+    (index, sample seed) keys of the current epoch."""
+
+    def __init__(self):
+        self.batches: List[List[Tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class _FileBatches(torch.utils.data.Dataset):
     def __init__(self, ds: FileSet):
         self.ds = ds
@@ -34,13 +58,23 @@ class _FileBatches(torch.utils.data.Dataset):
 
 class BatchStream:
     def __init__(self, ds, batch_size: int, seed: int, *, shuffle: bool, drop_last: bool,
-                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1):
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0, world: int = 1,
+                 persistent_workers: bool = False, prefetch_factor: Optional[int] = None):
         """With world > 1 every batch of the epoch is a global batch of batch_size * world samples, of which
-        rank r takes the r-th slice: N ranks see exactly what one process with N times the batch would."""
+        rank r takes the r-th slice: N ranks see exactly what one process with N times the batch would.
+
+        Image-file datasets load through a torch DataLoader with `num_workers` processes. By default its workers
+        start anew every epoch; `persistent_workers=True` keeps them (and their imports and file handles) alive
+        across epochs, `prefetch_factor` sets the batches each worker loads ahead (torch's default: 2). Neither
+        changes a batch: samples and their augmentation seeds are chosen in the main process."""
         self.ds, self.batch_size, self.seed = ds, batch_size, seed
         self.rank, self.world = rank, world
         self.shuffle, self.drop_last = shuffle, drop_last
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = bool(persistent_workers and num_workers > 0)
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
+        self._loader: Optional[DataLoader] = None  # the persistent DataLoader, built on first use
+        self._sampler: Optional[_EpochBatches] = None
         self.order_fn: Optional[Callable[[int], torch.Tensor]] = None  # a curriculum's epoch order, if any
         n, global_batch = len(ds), batch_size * world
         self.batches_per_epoch = n // global_batch if drop_last else -(-n // global_batch)
@@ -66,7 +100,18 @@ class BatchStream:
                 yield self.ds.x[idx], self.ds.y[idx], idx
             return
         keyed = [[(int(i), sample_seed(self.seed, epoch, int(i))) for i in idx] for idx in batches]
-        loader = DataLoader(_FileBatches(self.ds), batch_sampler=keyed, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory)
+        if self.persistent_workers:
+            if self._loader is None:
+                self._sampler = _EpochBatches()
+                self._loader = DataLoader(_FileBatches(self.ds), batch_sampler=self._sampler,
+                                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                          persistent_workers=True, prefetch_factor=self.prefetch_factor,
+                                          generator=_private_generator())
+            self._sampler.batches = keyed  # read when the loader's iterator starts this epoch
+            loader = self._loader
+        else:
+            loader = DataLoader(_FileBatches(self.ds), batch_sampler=keyed, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                generator=_private_generator())
         for idx, (x, y) in zip(batches, loader):
             yield x, y, idx
