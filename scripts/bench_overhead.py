@@ -1,0 +1,431 @@
+"""Runner overhead: trainrun's training loop vs a minimal hand-written PyTorch loop vs PyTorch Lightning.
+
+The same model object construction (`trainrun.models.build_model`, seeded like trainrun seeds it), the same
+optimizer construction (`trainrun.optim.build_optimizer`: AdamW, trainrun's parameter groups), the same batch
+size, the same in-memory tensors visited in the same random order (trainrun's `randperm(seed, epoch)`), the
+same fp32 loss, and the same number of steps, run three ways:
+
+  trainrun   `trainrun.runner.run(cfg, run_dir)` in-process with a config composed by Hydra's compose API
+             (defaults + `optimizer=adamw schedule=constant`), logging at trainrun's default interval
+             (`logger.log_every=10`, plain lines: stdout is not a terminal here); eval and checkpoint happen only
+             after the last measured step (`trainer.eval_every = trainer.ckpt_every = max_steps`).
+  hand       zero_grad -> forward (autocast for bf16) -> cross-entropy -> backward -> step over the same tensors,
+             no per-step .item().
+  lightning  `lightning.Trainer` with its defaults (progress bar, CSV logger at log_every_n_steps=10,
+             `self.log("train_loss", loss)` per step) except checkpointing off and no validation.
+
+The measured window is `--steps` optimizer steps after `--warmup` steps, timed from per-step timestamps
+(trainrun: the logger's per-step `advance`/`log` calls; Lightning: an `on_train_batch_end` callback), so model
+building, Hydra, the final eval and the checkpoint are outside it. Repetitions are interleaved
+(trainrun hand lightning trainrun hand lightning ...); ratios are taken within each repetition and the median
+and min-max over repetitions are reported. After each run the final validation loss of the trained model is
+recorded: the three runners train the same trajectory, so it must agree (a check that they do the same work).
+
+    python scripts/bench_overhead.py              # full run (~4-5 min on a 2-core CPU)
+    python scripts/bench_overhead.py --quick      # smoke run (<30 s), JSON to the temp dir
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchutil as bu  # noqa: E402
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# name -> trainrun overrides, batch size, (warmup, measured steps), quick (batch, warmup, steps)
+CONFIGS: Dict[str, Dict[str, Any]] = {
+    "mlp_digits": {"overrides": ["data=digits", "model=mlp"], "batch": 64, "warmup": 50, "steps": 1000,
+                   "quick": (64, 10, 60)},
+    "resnet18_32px": {"overrides": ["data=synthetic", "data.input_shape=[3,32,32]", "model=resnet18"],
+                      "batch": 16, "warmup": 2, "steps": 10, "quick": (8, 1, 2)},
+}
+PRECISIONS = ("fp32", "bf16")
+RUNNERS = ("trainrun", "hand", "lightning")
+# --ablate: trainrun with one cost after another switched off (attributes its overhead), and Lightning without its
+# progress bar. name -> (runner, extra trainrun overrides or Lightning options, environment during the run)
+VARIANTS: Dict[str, Any] = {
+    "trainrun": ("trainrun", [], {}),
+    "hand": ("hand", [], {}),
+    "lightning": ("lightning", {}, {}),
+    # rich's live progress bar as a terminal user gets it (FORCE_COLOR makes rich render as on a terminal)
+    "trainrun_bar": ("trainrun", ["logger.progress=bar"], {"FORCE_COLOR": "1"}),
+    "trainrun_noguard": ("trainrun", ["doctor.nan_guard=off"], {}),
+    "trainrun_noguard_quiet": ("trainrun", ["doctor.nan_guard=off", "logger.progress=off"], {}),
+    # no log step inside the window at all (the one at the last step is the window's end)
+    "trainrun_noguard_nolog": ("trainrun", ["doctor.nan_guard=off", "logger.progress=off",
+                                            "logger.log_every=100000000"], {}),
+    "lightning_nobar": ("lightning", {"enable_progress_bar": False}, {}),
+}
+ABLATE = ("trainrun", "trainrun_bar", "trainrun_noguard", "trainrun_noguard_quiet", "trainrun_noguard_nolog", "hand",
+          "lightning", "lightning_nobar")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+_SETUP = False
+
+
+def compose(overrides: List[str]):
+    global _SETUP
+    from hydra import compose as hcompose, initialize_config_dir
+
+    from trainrun.cli import CONFIGS_DIR, setup
+
+    if not _SETUP:
+        setup()
+        _SETUP = True
+    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="bench_overhead"):
+        return hcompose("config", overrides=overrides)
+
+
+def trainrun_overrides(spec: Dict[str, Any], precision: str, batch: int, total: int) -> List[str]:
+    return [*spec["overrides"], "optimizer=adamw", "schedule=constant", f"precision={precision}",
+            f"data.batch_size={batch}", f"trainer.max_steps={total}", f"trainer.eval_every={total}",
+            f"trainer.ckpt_every={total}", "trainer.device=cpu", "data.limit_val=64", "logger.plots=false",
+            "seed=0"]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def silenced():
+    """stdout/stderr to /dev/null while a runner trains (its console lines and bars still get written)."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
+def stamp() -> Tuple[float, float]:
+    """(wall clock, CPU time of the whole process): CPU seconds do not count the time other processes on this
+    shared machine hold the cores, so they are the steadier measure of the work a runner does."""
+    return time.perf_counter(), time.process_time()
+
+
+def window(marks: List, warmup: int, steps: int) -> Dict[str, float]:
+    """Wall and CPU seconds between the timestamps of step `warmup` and step `warmup + steps`."""
+    at = {step: t for step, t in marks}
+    if warmup not in at or warmup + steps not in at:
+        raise RuntimeError(f"missing step timestamps (have steps {sorted(at)[:3]}..{sorted(at)[-3:]}); "
+                           "did trainrun's logger interface change?")
+    (w0, c0), (w1, c1) = at[warmup], at[warmup + steps]
+    return {"seconds": w1 - w0, "cpu_seconds": c1 - c0}
+
+
+def val_loss(model, cfg, split) -> float:
+    from trainrun.data import BatchStream
+    from trainrun.loop import evaluate
+    from trainrun.precision import PrecisionPolicy
+
+    val = BatchStream(split.val, cfg.data.eval_batch_size, cfg.seed, shuffle=False, drop_last=False)
+    return evaluate(model, val, PrecisionPolicy(cfg.precision, torch.device("cpu")), torch.device("cpu"))["val/loss"]
+
+
+def fresh_model_and_optimizer(cfg, split):
+    """The model and optimizer exactly as runner.run builds them (seed_everything, build_model, default init)."""
+    from trainrun.models import build_model
+    from trainrun.optim import build_optimizer
+    from trainrun.regularization import effective_dropout
+    from trainrun.seed import seed_everything
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, split.input_shape, split.num_classes, effective_dropout(cfg.regularization, cfg.model))
+    return model, build_optimizer(model, cfg.optimizer, cfg.data.batch_size)
+
+
+def epoch_batches(n: int, batch: int, seed: int, epoch: int):
+    """trainrun's data order: randperm(n) from the (seed, epoch) generator, full batches only."""
+    from trainrun.seed import data_order_generator
+
+    order = torch.randperm(n, generator=data_order_generator(seed, epoch))
+    return [order[b * batch:(b + 1) * batch] for b in range(n // batch)]
+
+
+# ---------------------------------------------------------------------------------------------------- runners
+
+def run_trainrun(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
+    import trainrun.runner as runner
+    from trainrun.logging import RunLogger
+
+    marks: List = []
+
+    class TimedLogger(RunLogger):  # one perf_counter per step: at advance(step) or log(step, train metrics)
+        def advance(self, step):
+            marks.append((step, stamp()))
+            super().advance(step)
+
+        def log(self, step, metrics):
+            if "train/loss" in metrics:
+                marks.append((step, stamp()))
+            super().log(step, metrics)
+
+    with tempfile.TemporaryDirectory(prefix="bench-trainrun-") as d:
+        orig, runner.RunLogger = runner.RunLogger, TimedLogger
+        try:
+            run_dir = Path(d) / "run"
+            run_dir.mkdir()  # Hydra creates it before calling the task
+            with silenced():
+                final = runner.run(cfg, run_dir)
+        finally:
+            runner.RunLogger = orig
+    return {**window(marks, warmup, steps), "val_loss": final.get("val/loss")}
+
+
+def run_hand(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
+    model, opt = fresh_model_and_optimizer(cfg, split)
+    x_all, y_all = split.train.x, split.train.y
+    batch, seed, total = cfg.data.batch_size, cfg.seed, warmup + steps
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision.name == "bf16" \
+        else contextlib.nullcontext
+    model.train()
+    step, epoch, t0 = 0, 0, None
+    while step < total:
+        for idx in epoch_batches(len(y_all), batch, seed, epoch):
+            x, y = x_all[idx], y_all[idx]
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == warmup:
+                t0 = stamp()
+            if step == total:
+                break
+        epoch += 1
+    t1 = stamp()
+    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "val_loss": val_loss(model, cfg, split)}
+
+
+def run_lightning(cfg, split, warmup: int, steps: int, **trainer_kw) -> Dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+    model, _ = fresh_model_and_optimizer(cfg, split)
+    batch, seed = cfg.data.batch_size, cfg.seed
+    opt_cfg = cfg.optimizer
+
+    class OrderSampler(Sampler):
+        """Yields trainrun's index batches; with batch_size=None the TensorDataset gathers x[idx], y[idx]."""
+
+        def __init__(self, n: int):
+            self.n, self.epoch = n, 0
+
+        def __len__(self):
+            return self.n // batch
+
+        def __iter__(self):
+            batches = epoch_batches(self.n, batch, seed, self.epoch)
+            self.epoch += 1
+            return iter(batches)
+
+    class Lit(L.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, b, batch_idx):
+            x, y = b
+            loss = F.cross_entropy(self.net(x).float(), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            from trainrun.optim import build_optimizer
+
+            return build_optimizer(self.net, opt_cfg, batch)
+
+    marks: List = []
+
+    class Timer(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            marks.append((trainer.global_step, stamp()))
+
+    ds = TensorDataset(split.train.x, split.train.y)
+    loader = DataLoader(ds, batch_size=None, sampler=OrderSampler(len(ds)))
+    lit = Lit(model)
+    with tempfile.TemporaryDirectory(prefix="bench-lightning-") as d, silenced():
+        trainer = L.Trainer(max_steps=warmup + steps, accelerator="cpu", devices=1,
+                            precision="bf16-mixed" if cfg.precision.name == "bf16" else "32-true",
+                            log_every_n_steps=10, enable_checkpointing=False, enable_model_summary=False,
+                            logger=CSVLogger(d), default_root_dir=d, callbacks=[Timer()],
+                            use_distributed_sampler=False, **trainer_kw)
+        trainer.fit(lit, train_dataloaders=loader)
+    return {**window(marks, warmup, steps), "val_loss": val_loss(model, cfg, split)}
+
+
+RUN = {"trainrun": run_trainrun, "hand": run_hand, "lightning": run_lightning}
+
+
+@contextlib.contextmanager
+def env(extra: Dict[str, str]):
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_variant(name: str, base_overrides: List[str], split, warmup: int, steps: int, cfgs: Dict) -> Dict[str, Any]:
+    kind, extra, environ = VARIANTS[name]
+    with env(environ):
+        if kind == "trainrun":
+            return run_trainrun(cfgs[name], split, warmup, steps)
+        if kind == "hand":
+            return run_hand(cfgs["_base"], split, warmup, steps)
+        return run_lightning(cfgs["_base"], split, warmup, steps, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, few steps, small batches")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5; --quick 1)")
+    ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                    help="default: all (with --ablate: mlp_digits)")
+    ap.add_argument("--precisions", nargs="+", default=None, choices=list(PRECISIONS),
+                    help="default: fp32 bf16 (with --ablate: fp32)")
+    ap.add_argument("--runners", nargs="+", default=None, choices=list(VARIANTS),
+                    help=f"default: {' '.join(RUNNERS)} (with --ablate: {' '.join(ABLATE)})")
+    ap.add_argument("--ablate", action="store_true",
+                    help="attribute trainrun's overhead: add trainrun variants with the NaN guard, the console and "
+                         "logging switched off one after another, trainrun with the progress bar, Lightning "
+                         "without its bar; JSON to docs/bench/bench_overhead.ablate.json")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for every runner (default 1: on a shared 2-core machine two OpenMP "
+                         "threads stall whenever another process holds a core)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every config's measured steps")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    reps = args.reps or (1 if args.quick else 5)
+    configs = args.configs or (["mlp_digits"] if args.ablate else list(CONFIGS))
+    precisions = args.precisions or (["fp32"] if args.ablate else list(PRECISIONS))
+    runners = list(args.runners or (ABLATE if args.ablate else RUNNERS))
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+
+    versions = {"torch": torch.__version__}
+    if any(VARIANTS[r][0] == "lightning" for r in runners):
+        try:
+            import lightning
+
+            versions["lightning"] = lightning.__version__
+            for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+                logging.getLogger(name).setLevel(logging.ERROR)  # after the import, which sets them to INFO
+        except ImportError:
+            print("lightning is not installed (pip install -e '.[bench]'); skipping it", file=sys.stderr)
+            runners = [r for r in runners if VARIANTS[r][0] != "lightning"]
+    import trainrun
+    from trainrun.data import build_split
+
+    versions["trainrun"] = getattr(trainrun, "__version__", "?")
+    name = "bench_overhead" + (".ablate" if args.ablate else "")
+    record = bu.header("bench_overhead", argv, args.quick)
+    record.update({"versions": versions, "reps": reps, "torch_threads": torch.get_num_threads(), "runners": runners,
+                   "variants": {r: {"runner": VARIANTS[r][0], "extra": VARIANTS[r][1], "env": VARIANTS[r][2]}
+                                for r in runners}, "results": []})
+    t_start = time.perf_counter()
+    rows = []
+    for cname in configs:
+        spec = CONFIGS[cname]
+        batch, warmup, steps = (spec["quick"] if args.quick else (spec["batch"], spec["warmup"], spec["steps"]))
+        steps = max(1, int(round(steps * args.steps_scale)))
+        for prec in precisions:
+            overrides = trainrun_overrides(spec, prec, batch, warmup + steps)
+            cfgs = {"_base": compose(overrides)}
+            for r in runners:
+                if VARIANTS[r][0] == "trainrun":
+                    cfgs[r] = compose(overrides + VARIANTS[r][1])
+            split = build_split(cfgs["_base"].data)
+            per: Dict[str, List[float]] = {r: [] for r in runners}
+            per_cpu: Dict[str, List[float]] = {r: [] for r in runners}
+            vl: Dict[str, List[Optional[float]]] = {r: [] for r in runners}
+            for rep in range(reps):
+                for r in runners:  # interleaved: A B C A B C ...
+                    gc.collect()
+                    out = run_variant(r, overrides, split, warmup, steps, cfgs)
+                    per[r].append(steps / out["seconds"])
+                    per_cpu[r].append(steps / out["cpu_seconds"])
+                    vl[r].append(out["val_loss"])
+                    print(f"  {cname} {prec} rep {rep + 1}/{reps} {r}: {steps / out['seconds']:.2f} steps/s",
+                          file=sys.stderr, flush=True)
+            res: Dict[str, Any] = {"config": cname, "precision": prec, "batch_size": batch, "warmup_steps": warmup,
+                                   "measured_steps": steps, "trainrun_overrides": overrides,
+                                   "steps_per_s": {r: bu.summary(v) for r, v in per.items()},
+                                   "ms_per_step": {r: bu.summary([1000 / x for x in v]) for r, v in per.items()},
+                                   "steps_per_cpu_s": {r: bu.summary(v) for r, v in per_cpu.items()},
+                                   "cpu_ms_per_step": {r: bu.summary([1000 / x for x in v]) for r, v in per_cpu.items()},
+                                   "final_val_loss": vl}
+            for r in runners:
+                if r != "hand" and "hand" in per:
+                    res[f"ratio_{r}_over_hand"] = bu.summary([a / b for a, b in zip(per[r], per["hand"])])
+                    res[f"extra_ms_{r}_vs_hand"] = bu.summary([1000 / a - 1000 / b for a, b in zip(per[r], per["hand"])])
+                    res[f"cpu_ratio_{r}_over_hand"] = bu.summary([a / b for a, b in zip(per_cpu[r], per_cpu["hand"])])
+                    res[f"extra_cpu_ms_{r}_vs_hand"] = bu.summary([1000 / a - 1000 / b for a, b in
+                                                                    zip(per_cpu[r], per_cpu["hand"])])
+            record["results"].append(res)
+            rows.append(res)
+    record["load_after"] = bu.load()
+    record["wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    ratio_runners = [r for r in runners if r != "hand" and "hand" in runners]
+    print(f"\nRunner overhead: steps/s, median (min-max) of {reps} interleaved repetitions; ratios per repetition; "
+          f"torch {versions['torch']}" + (f", lightning {versions['lightning']}" if "lightning" in versions else "")
+          + f", {torch.get_num_threads()} thread(s); load before: {record['load_before']['uptime']}\n")
+    if args.ablate:  # one row per variant: easier to read as a ladder
+        trows = []
+        for res in rows:
+            for r in runners:
+                trows.append([res["config"], res["precision"], r, bu.med_range(res["steps_per_s"][r]),
+                              bu.med_range(res["ratio_" + r + "_over_hand"]) if r in ratio_runners else "1",
+                              bu.med_range(res["cpu_ms_per_step"][r]),
+                              bu.med_range(res["cpu_ratio_" + r + "_over_hand"]) if r in ratio_runners else "1",
+                              bu.med_range(res["extra_cpu_ms_" + r + "_vs_hand"]) if r in ratio_runners else "0"])
+        print(bu.table(["config", "precision", "variant", "steps/s (wall)", "x hand (wall)", "CPU ms/step",
+                        "x hand (CPU)", "extra CPU ms/step vs hand"], trows))
+    else:
+        headers = ["config", "precision", "batch", "steps"] + [f"{r} steps/s" for r in runners] + \
+            [f"{r}/hand" for r in ratio_runners] + [f"{r}/hand (CPU time)" for r in ratio_runners]
+        trows = []
+        for res in rows:
+            sp = res["steps_per_s"]
+            trows.append([res["config"], res["precision"], str(res["batch_size"]),
+                          f"{res['warmup_steps']}+{res['measured_steps']}"]
+                         + [bu.med_range(sp[r]) for r in runners]
+                         + [bu.med_range(res[f"ratio_{r}_over_hand"]) for r in ratio_runners]
+                         + [bu.med_range(res[f"cpu_ratio_{r}_over_hand"]) for r in ratio_runners])
+        print(bu.table(headers, trows))
+    same = []
+    for res in rows:
+        vals = [v for r in runners for v in res["final_val_loss"][r] if v is not None]
+        same.append(f"{res['config']}/{res['precision']} {min(vals):.6g}..{max(vals):.6g}")
+    print("\nsame-trajectory check, final val loss over all runners and repetitions: " + "; ".join(same))
+    out = bu.write_json(args.out or bu.default_out(name, args.quick), record)
+    print(f"raw numbers: {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
