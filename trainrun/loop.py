@@ -106,7 +106,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
             loss, _ = t.distill.loss(x, logits, target, t.loss_fn, t.precision.autocast)
         else:
             loss = t.loss_fn(logits.float(), target)  # the loss is always computed in fp32
-        t.precision.backward(loss / t.accumulation)
+        t.precision.backward(loss / t.accumulation if t.accumulation > 1 else loss)  # no extra autograd node
         hits = (logits.detach().argmax(1) == y).sum()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         correct = hits if correct is None else correct + hits
@@ -222,16 +222,21 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             window_start = time.perf_counter()
         else:
             advance(step)
-        if step % eval_every == 0 or step == t.total_steps:
+        evaluated = step % eval_every == 0 or step == t.total_steps
+        if evaluated:
             metrics = evaluate_all(t)
             t.state.last_eval = metrics
             on_eval(metrics)
             log(step, {"epoch": t.state.epoch, **metrics})
             window_start = time.perf_counter()  # keep eval time out of throughput
-        if step % ckpt_every == 0 or step == stop_at or should_stop():
+        # Under torchrun should_stop() is an all_reduce + host sync, so ranks agree on it at log and eval steps
+        # only (a signal is honoured within logger.log_every steps; early stopping decides at an eval step);
+        # one process checks its flag every step.
+        stop = (t.world == 1 or is_log_step or evaluated) and should_stop()
+        if step % ckpt_every == 0 or step == stop_at or stop:
             save()
             window_start = time.perf_counter()
-            if should_stop():
+            if stop:
                 return
 
 
