@@ -188,6 +188,10 @@ def test_skip_policy_end_to_end(tmp_path):
     assert [r["step"] for r in read_jsonl(tmp_path / "runs/s/badsteps.jsonl")] == [4]
     rows = read_jsonl(tmp_path / "runs/s/metrics.jsonl")
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    # the skipped step's forward left no NaN in BatchNorm's running statistics: evaluation stays finite
+    assert math.isfinite([r for r in rows if "val/loss" in r][-1]["val/loss"])
+    state, _ = checkpoint.load(tmp_path / "runs/s/checkpoints/step_000000004.badstep")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_statistics_at_an_interval(tmp_path):

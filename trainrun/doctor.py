@@ -151,6 +151,11 @@ class Doctor:
         self.probe_every = cfg.stats_every
         self._inject = None
         self._first_param = next((p for p in self.net.parameters() if p.requires_grad), None)
+        # A bad step's forward has already moved BatchNorm's running statistics (NaN in, NaN out): the buffers
+        # are copied at every step start (one fused copy) and put back on a bad step, so a skipped step leaves no
+        # trace and the .badstep checkpoint holds the true state before the step.
+        self._buffers = [b for b in self.net.buffers()] if self.guard else []
+        self._buffer_copy = [b.detach().clone() for b in self._buffers]
         # in-memory datasets had their labels validated at load: no per-step label check for them
         self._labels_validated = probe_data is not None and hasattr(probe_data[0], "x")
         if cfg.inject_nan_step:
@@ -166,6 +171,8 @@ class Doctor:
         """`step` is the 1-based optimizer step about to run; called right after the loop's zero_grad."""
         self._step = step
         self._batches = []
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_copy, self._buffers)
         # zero_grad(set_to_none=True) clears every .grad at once, so the first trainable parameter tells
         if step > 1 and self._first_param is not None and self._first_param.grad is not None:
             carried = [n for n, p in self.net.named_parameters() if p.grad is not None]
@@ -284,6 +291,9 @@ class Doctor:
     # -- the bad step -----------------------------------------------------------------------------------------
     def _bad_step(self, problem: str, loss_v: float, norm_v: float, scale_v: float) -> bool:
         step = self._step
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._buffer_copy)
         if problem.startswith("non-finite") and any(x.is_floating_point() and not bool(torch.isfinite(x).all())
                                                     for x, _, _ in self._batches):
             problem = "non-finite values in the input batch"
