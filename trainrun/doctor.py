@@ -139,6 +139,7 @@ class Doctor:
         self.skips_in_row = self.badsteps_written = 0
         self.overflow_skips = 0  # fp16: steps the GradScaler skipped (inf/NaN gradients)
         self.first_loss: Optional[float] = None
+        self._chance_checked = False  # the val-at-chance probe runs once
         self.batch_size: Optional[int] = None
         self.underflow: Optional[Dict] = None  # last fp16 gradient-underflow measurement
         self._step = 0
@@ -329,7 +330,6 @@ class Doctor:
         if self.badsteps_path is not None:
             with open(self.badsteps_path, "a") as f:
                 f.write(json.dumps({k: v for k, v in report.items() if k != "activations"}) + "\n")
-        self.last_bad = report
         where = report.get("first_nonfinite_output") or report.get("first_nonfinite_grad")
         head = f"{problem} at step {step}" + (f"; first non-finite layer: {where}" if where else "")
         if problem == "fp16 loss-scale collapse" or problem.startswith("labels") or self.cfg.nan_guard == "halt":
@@ -437,9 +437,9 @@ class Doctor:
     def on_eval(self, step: int, val_acc: Optional[float]) -> None:
         """Validation at chance level: tell a label problem from a training problem with a model-free probe."""
         chance = 1.0 / self.num_classes
-        if val_acc is None or val_acc > 1.5 * chance or "val_at_chance" in self.findings:
+        if val_acc is None or val_acc > 1.5 * chance or self._chance_checked:
             return
-        self.findings["val_at_chance"] = f"val/acc {100 * val_acc:.1f}% at step {step} (chance {100 * chance:.1f}%)"
+        self._chance_checked = True
         probe = self.label_probe()
         if probe is None:
             self.note("not_learning", f"at step {step} val/acc is {100 * val_acc:.1f}%, chance level: run "
@@ -592,7 +592,7 @@ def overfit_verdict(losses: List[float], grad_norms: List[float], target: float,
     finite_norms = [g for g in grad_norms if math.isfinite(g)]
     if halted:
         causes.append(halted)
-    causes += [m for code, m in findings.items() if code not in ("gradients_carried_over",) or not halted]
+    causes += [m for m in findings.values() if m != halted]  # a halting finding is already the halt message
     if not passed and not halted and losses:
         spike = max(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else -1.0)
         if losses[spike] > 3 * first or last > 1.5 * first:
