@@ -59,11 +59,30 @@ class FocalLoss(nn.Module):
         return loss.sum(1).mean()
 
 
+class WeightedCrossEntropy(nn.CrossEntropyLoss):
+    """Class-weighted cross-entropy normalised by the batch's total weight for both target types.
+
+    torch divides by sum_i w[y_i] for class indices but by N for probability targets, so with MixUp/CutMix at
+    mix_prob < 1 the loss scale (the effective LR) would jump between mixed and plain batches. For probability
+    targets t_i this divides by sum_i w . t_i (t before label smoothing), which equals sum_i w[y_i] when t_i is
+    one-hot: the two target types then give the same value for the same labels, also with label smoothing.
+    """
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not target.is_floating_point():
+            return super().forward(logits, target)
+        total = F.cross_entropy(logits, target, weight=self.weight, reduction="sum",
+                                label_smoothing=self.label_smoothing)
+        return total / (target @ self.weight.to(target.dtype)).sum()
+
+
 def build_loss(cfg, weight: Optional[torch.Tensor] = None) -> nn.Module:
     if cfg.loss == "focal":
         return FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing)
     # torch's label smoothing is exactly y = (1 - eps) * onehot + eps / K, also for probability targets.
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if weight is not None:
+        return WeightedCrossEntropy(weight=weight, label_smoothing=cfg.label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
 def effective_dropout(reg_cfg, model_cfg) -> float:
@@ -196,7 +215,8 @@ class EarlyStopping:
         return value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
 
     def step(self, value: Optional[float], step: int, model: nn.Module) -> bool:
-        """Record one evaluation; True when training should stop."""
+        """Record one evaluation of `model` (the module that was evaluated: the EMA copy when EMA is on);
+        True when training should stop."""
         if self.improved(value):
             self.best, self.best_step, self.bad_evals = value, step, 0
             if self.keep_best_weights:

@@ -421,13 +421,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
         schedule.on_eval(value)
         if value is not None and checkpoint.is_better(value, trainer.state.best_metric, mode):
             trainer.state.best_metric = value
-        if early is not None and early.step(value, trainer.state.step, model):
+        # keep the weights that were measured: val/* comes from the EMA copy when EMA is on
+        if early is not None and early.step(value, trainer.state.step, ema.module if ema is not None else model):
             trainer.state.stopped_early = True
             logger.print(f"early stopping at step {trainer.state.step}: no {monitor} improvement over "
                          f"{early.min_delta} for {early.patience} evaluations (best {early.best} at step {early.best_step})")
             if early.best_weights is not None:
                 model.load_state_dict(early.best_weights)
-                if ema is not None:  # the best evaluation was of the EMA weights
+                if ema is not None:  # both copies now hold the EMA weights that were measured best
                     ema.module.load_state_dict(early.best_weights)
                 trainer.state.last_eval = evaluate_all(trainer)
                 logger.print(f"restored the best weights (step {early.best_step})")
