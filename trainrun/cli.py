@@ -6,6 +6,7 @@ a new run gets `output_root/<timestamp or run_name>`; a resume writes into the r
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainrun.config import register_configs
-from trainrun.errors import TrainrunError
+from trainrun.errors import ConfigError, TrainrunError
 
 
 def _asset_dir(name: str) -> Path:
@@ -61,25 +62,49 @@ def _now() -> str:
     return _FIXED_NOW or dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def _run_dir(mode: str, resume: Optional[str], output_root: str, run_name: Optional[str]) -> str:
-    from trainrun import checkpoint
+_RUN_DIRS: Dict[tuple, str] = {}  # one answer per process: a new run's directory is created when first asked
 
+
+def _run_dir(mode: str, resume: Optional[str], output_root: str, run_name: Optional[str]) -> str:
+    """The run directory (Hydra's hydra.run.dir). Under torchrun rank 0 picks it and every rank gets its answer."""
+    from trainrun import distributed
+
+    key = tuple(None if v is None else str(v) for v in (mode, resume, output_root, run_name))
+    if key not in _RUN_DIRS:
+        picked = _pick_run_dir(*key) if distributed.env_info().is_main else None
+        _RUN_DIRS[key] = distributed.broadcast_object(picked)
+    return _RUN_DIRS[key]
+
+
+def _pick_run_dir(mode: str, resume: Optional[str], output_root: str, run_name: Optional[str]) -> str:
+    """A resume of a run directory (or of its newest checkpoint) continues in that directory, whatever its
+    pointers say; naming an older checkpoint branches into a new directory; a new run without run_name gets a
+    timestamped directory of its own (created here, exclusively)."""
+    from trainrun import checkpoint, rundir
+
+    root = Path(output_root)
     if resume:
         try:
-            ckpt = checkpoint.candidates(str(resume), Path(output_root), run_name)[0]
+            ckpt = checkpoint.candidates(str(resume), root, run_name)[0]
         except TrainrunError:
             ckpt = None  # runner.run reports the problem in one line before anything is written there
         if ckpt is not None:
             run = checkpoint.run_dir_of(ckpt)
             if mode == "eval":
-                return str(run / "eval" / _now())
+                return str(rundir.claim(run / "eval", _now()))
             if checkpoint.is_latest(ckpt):
                 return str(run)
-            return str(Path(output_root) / f"{run.name}-from-{ckpt.name}-{_now()}")  # a branch: never overwrite
-    return str(Path(output_root) / (run_name or _now()))
+            return str(rundir.claim(root, f"{run.name}-from-{ckpt.name}-{_now()}"))  # a branch: never overwrite
+    if run_name:
+        rundir.check_name("run_name", run_name)
+        return str(root / run_name)
+    return str(rundir.claim(root, _now()))
 
 
 def _sweep_dir(sweep_name: Optional[str]) -> str:
+    from trainrun import rundir
+
+    rundir.check_name("sweep_name", sweep_name)
     return str(Path("multirun") / (sweep_name or _now()))
 
 
@@ -88,6 +113,10 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("trainrun_run_dir", _run_dir)
     if not OmegaConf.has_resolver("trainrun_sweep_dir"):  # cached: every job of a sweep shares one directory
         OmegaConf.register_new_resolver("trainrun_sweep_dir", _sweep_dir, use_cache=True)
+    if not OmegaConf.has_resolver("trainrun_job_dir"):
+        from trainrun.sweep import job_dir_name
+
+        OmegaConf.register_new_resolver("trainrun_job_dir", job_dir_name)
 
 
 def setup() -> None:
@@ -97,16 +126,38 @@ def setup() -> None:
 
 
 _FAILED_JOBS = []  # multirun jobs that failed in this process (the sweep goes on; the exit code says so)
+_SIGNAL_EXIT = []  # the exit code of a run stopped by a signal (128 + signum)
+_RUN_DIR = []  # the run directory being written, for the one line a second Ctrl-C ends with
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """One writer per run directory: the main rank holds its lock for the life of the process (a sweep's own
+    directory is locked by rundir.SweepLock); a second writer ends here in one line, having written nothing."""
+    from trainrun import distributed, rundir
+
+    err = None
+    if distributed.env_info().is_main:
+        try:
+            rundir.lock(run_dir, "run directory", "wait for it to finish (or stop it), then resume it; or pick "
+                        "another run_name")
+        except TrainrunError as e:
+            err = str(e)
+    err = distributed.broadcast_object(err)
+    if err:
+        _fail(err)
 
 
 def _task(cfg: DictConfig):
     from hydra.types import RunMode
 
+    from trainrun import rundir
     from trainrun.runner import run
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    _lock_run_dir(run_dir)
+    _RUN_DIR[:] = [run_dir]
     if hc.mode != RunMode.MULTIRUN:
         defaults = None
         if cfg.resume:
@@ -118,8 +169,23 @@ def _task(cfg: DictConfig):
         except TrainrunError as e:
             sys.stdout.flush()
             _fail(str(e), getattr(e, "exit_code", 2))
+        except Exception as e:  # noqa: BLE001  (under torchrun: one line from rank 0, not a traceback per rank)
+            rundir.accept_logs()
+            from trainrun import distributed
+
+            if not distributed.env_info().enabled:
+                raise
+            sys.stdout.flush()
+            _fail(distributed.failure_line(e, run_dir), 1)
+        except BaseException:
+            rundir.accept_logs()  # a crash, not a refusal: its log belongs to the run
+            raise
+        rundir.accept_logs()  # the modes that end before the run's own accept (eval, lr_find, init_report)
+        _stopped_by_signal(final, run_dir)
         return final.get(f"best {cfg.checkpoint.monitor}", final.get(cfg.checkpoint.monitor))
-    return _sweep_job(cfg, run_dir, overrides, run)
+    result = _sweep_job(cfg, run_dir, overrides, run)
+    rundir.accept_logs()
+    return result
 
 
 def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
@@ -156,11 +222,20 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
     best = final.get(f"best {monitor}")
     sweep.write_result(run_dir, status="completed" if final.get("finished") else "interrupted", error=None, overrides=overrides, metrics=metrics, best=best,
                        step=final.get("step"), seed=cfg.seed, wall_time_s=final.get("wall_time_s"))
-    if not final.get("finished") and not cfg.trainer.stop_at_step:  # SIGTERM/Ctrl-C: end the sweep, resumable
-        print(f"trainrun: sweep stopped by a signal during job {run_dir.name}; re-run the same command to "
-              "continue", file=sys.stderr, flush=True)
-        sys.exit(143)
+    code = signal_exit_code(final)
+    if code:  # SIGTERM/SIGUSR1/Ctrl-C: end the sweep, resumable
+        print(f"trainrun: sweep stopped by {signal.Signals(code - 128).name} during job {run_dir.name} (exit {code}); "
+              "re-run the same command to continue", file=sys.stderr, flush=True)
+        sys.exit(code)
     return best if best is not None else metrics.get(monitor)
+
+
+def _stopped_by_signal(final, run_dir: Path) -> None:
+    code = signal_exit_code(final)
+    if code:
+        print(f"trainrun: stopped by {signal.Signals(code - 128).name} at step {final.get('step')} after a complete "
+              f"checkpoint (exit {code}); resume={run_dir} continues", file=sys.stderr, flush=True)
+        _SIGNAL_EXIT[:] = [code]
 
 
 def _one_line(e: BaseException) -> str:
@@ -191,33 +266,99 @@ def _one_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0]
 
 
-def preflight(overrides) -> None:
-    """Compose and validate once before Hydra starts, so bad input fails in one line and creates no run dir."""
-    from hydra import compose, initialize_config_dir
+def _sweep_jobs(overrides) -> list:
+    """The overrides of every job a `-m` sweep will launch, expanded as Hydra's basic sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from trainrun.config import validate
-    from trainrun.runner import adopt_checkpoint_config, check_resume_compatible
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    return BasicSweeper.split_arguments(parser.parse_overrides(list(overrides)), None)[0]
 
+
+def preflight(overrides, sweep: bool = False) -> None:
+    """Compose and validate once before Hydra starts (every job of a `-m` sweep), so bad input fails in one line
+    and creates no run or sweep directory."""
+    from hydra import initialize_config_dir
+
+    i, job = 0, list(overrides)
+    jobs = [job]
     try:
         with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
-            cfg = compose("config", overrides=list(overrides))
-        validate(cfg)
-        if cfg.distillation.name in ("response", "feature"):
-            from trainrun import checkpoint
-
-            checkpoint.candidates(cfg.distillation.teacher, Path(cfg.output_root), key="distillation.teacher")
-        if cfg.resume and cfg.mode == "train":
-            from trainrun import checkpoint
-
-            meta = checkpoint.read_meta(checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0])
-            with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
-                defaults = compose("config")
-            cfg = adopt_checkpoint_config(cfg, defaults, list(overrides), meta["config"]["resolved"])
-            check_resume_compatible(meta["config"]["resolved"], OmegaConf.to_container(cfg, resolve=True))
-    except TrainrunError as e:
-        _fail(str(e))
+            jobs = _sweep_jobs(overrides) if sweep else jobs
+            for i, job in enumerate(jobs):
+                _preflight_job(job, check_dir=not sweep)
+        if sweep:
+            _check_writable(Path(_sweep_dir(None)), "the sweep directory multirun/", "run the sweep from a writable "
+                            "directory")
     except Exception as e:  # noqa: BLE001  (Hydra raises several unrelated types for bad overrides)
-        _fail(_one_line(e))
+        msg = str(e) if isinstance(e, TrainrunError) else _one_line(e)
+        if sweep and len(jobs) > 1:  # name the job by its swept values
+            swept = [o for k, o in enumerate(job) if len({j[k] for j in jobs}) > 1]
+            msg = f"sweep job {i + 1} of {len(jobs)} ({' '.join(swept)}): {msg}"
+        _fail(msg)
+
+
+def _preflight_job(overrides, check_dir: bool) -> None:
+    from hydra import compose
+
+    from trainrun.config import validate
+    from trainrun.resume import adopt_checkpoint_config, check_resume_compatible, resume_meta
+
+    cfg = compose("config", overrides=list(overrides))
+    from trainrun import rundir
+
+    raw = OmegaConf.to_container(cfg, resolve=False)  # names as typed: an interpolation is refused, not resolved
+    rundir.check_name("run_name", raw.get("run_name"))
+    rundir.check_name("sweep_name", raw.get("sweep_name"))
+    validate(cfg)
+    if cfg.distillation.name in ("response", "feature"):
+        from trainrun import checkpoint
+
+        checkpoint.candidates(cfg.distillation.teacher, Path(cfg.output_root), key="distillation.teacher")
+    target, what = Path(cfg.output_root), f"output_root={cfg.output_root}"
+    if cfg.resume and cfg.mode in ("train", "eval"):
+        from trainrun import checkpoint
+
+        ckpt = checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0]
+        target, what = checkpoint.run_dir_of(ckpt), f"resume={cfg.resume}"
+    if cfg.resume and cfg.mode == "train":
+        meta = resume_meta(cfg.resume, cfg)  # the newest checkpoint whose meta.json is sound, as a resume picks
+        defaults = compose("config")
+        cfg = adopt_checkpoint_config(cfg, defaults, list(overrides), meta["config"]["resolved"])
+        check_resume_compatible(meta["config"]["resolved"], OmegaConf.to_container(cfg, resolve=True))
+    if check_dir:
+        _check_writable(target, what, "set output_root to a directory you can write" if not cfg.resume else
+                        "copy the run to a writable disk and resume it there")
+
+
+def _check_writable(target: Path, what: str, fix: str) -> None:
+    """Refuse (one line, before any compute) a run directory that cannot be created: an ancestor that is a file,
+    a directory without write permission, or a read-only file system. Root passes permission checks, so a probe
+    file is created (and removed) in the nearest existing ancestor as well."""
+    import errno
+    import os
+    import tempfile
+
+    where = target.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(f"{what}: {where} is a file, not a directory; {fix}")
+    reason = None
+    if os.statvfs(where).f_flag & os.ST_RDONLY:
+        reason = "a read-only file system"
+    elif not os.access(where, os.W_OK | os.X_OK):
+        reason = "no write permission"
+    if reason is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".trainrun-probe-", dir=where)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            reason = "a read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e)).lower()
+    if reason is not None:
+        raise ConfigError(f"{what}: cannot write in {where} ({reason}); {fix}")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -229,6 +370,31 @@ def _fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def hydra_flags() -> set:
+    """Every option string of Hydra's own command line (long and short), so the list cannot go stale."""
+    from hydra._internal.utils import get_args_parser
+
+    return {o for action in get_args_parser()._actions for o in action.option_strings}
+
+
+RUN_FLAGS = {"-m", "--multirun", "-r", "--run"}  # Hydra flags that run jobs: their config is checked first
+
+
+def split_args(args):
+    """(the overrides to check before Hydra starts, the Hydra flags given): `hydra.*` overrides are Hydra's own."""
+    known = hydra_flags()
+    flags = [a for a in args if a.split("=")[0] in known]
+    overrides = [a for a in args if a not in flags and not a.startswith(("hydra.", "hydra/"))]
+    return overrides, flags
+
+
+def signal_exit_code(final) -> int:
+    """A run stopped by a signal exits 128 + the signal's number (after its checkpoint is complete), so a scheduler
+    does not see success; finishing, early stopping and trainer.stop_at_step exit 0."""
+    signum = final.get("signal")
+    return 128 + int(signum) if signum and not final.get("finished") else 0
+
+
 def main() -> None:
     global _FIXED_NOW
     from trainrun import distributed
@@ -238,17 +404,20 @@ def main() -> None:
     info = distributed.init("cpu" if "trainer.device=cpu" in args else "auto")
     if info.enabled:
         _FIXED_NOW = distributed.broadcast_object(_now())
-    hydra_flags = {"-m", "--multirun", "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
-                   "-p", "--package", "--resolve", "--version", "--config-path", "-cp", "--config-name", "-cn",
-                   "--config-dir", "-cd", "--experimental-rerun"}
-    if not any(a.split("=")[0] in hydra_flags for a in args):
-        preflight([a for a in args if not a.startswith("hydra.") and not a.startswith("hydra/")])
-    hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
-    code = 0
+    overrides, flags = split_args(args)
+    if not set(flags) - RUN_FLAGS:  # other flags print help/config or change the config source: Hydra handles them
+        preflight(overrides, sweep=bool({"-m", "--multirun"} & set(flags)))
+    try:
+        hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
+    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint being written is dropped, `latest` stays complete
+        where = f"; resume={_RUN_DIR[0]} continues from its latest complete checkpoint" if _RUN_DIR else ""
+        print(f"trainrun: interrupted by a second Ctrl-C{where}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+    code = _SIGNAL_EXIT[0] if _SIGNAL_EXIT else 0
     if _FAILED_JOBS:
         print(f"trainrun: {len(_FAILED_JOBS)} sweep job(s) failed: {', '.join(_FAILED_JOBS)} "
               "(see summary.csv in the sweep directory)", file=sys.stderr, flush=True)
-        code = 1
+        code = code or 1
     if info.enabled:
         distributed.teardown(code)  # barrier, destroy the group, flush, os._exit: gloo ranks exit cleanly
     sys.exit(code)
@@ -273,11 +442,11 @@ def list_models_main() -> None:
 
     from rich.markup import escape
 
-    from trainrun.models import describe_models
+    from trainrun.models import model_options
 
     table = Table(title="trainrun models (trainrun model=NAME)")
     table.add_column("model", style="bold")
     table.add_column("what it is")
-    for name, doc in describe_models().items():
+    for name, doc in model_options(CONFIGS_DIR / "model").items():
         table.add_row(name, escape(doc))
     Console().print(table)

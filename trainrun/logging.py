@@ -21,8 +21,31 @@ def console() -> Console:
     return Console(stderr=False, highlight=False, soft_wrap=True)
 
 
+def write_failure(path: Path, e: OSError, run_dir: Path, done: str = "") -> TrainrunError:
+    """One line for a failed write into a run (a full disk, a quota, an I/O error): what, where, how much room is
+    left, and the fix; `resume=` is offered only once the run has a checkpoint to resume from."""
+    import errno
+    import shutil
+
+    from trainrun import checkpoint
+
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    what = "disk full: " if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else ""
+    if checkpoint.list_checkpoints(run_dir):
+        then = (done or "the checkpoints written so far are intact") + f"; free disk space, then continue with " \
+            f"resume={Path(run_dir)}"
+    else:
+        then = "no checkpoint was written yet; free disk space or set output_root to a larger disk, then run the " \
+            "command again"
+    return TrainrunError(f"{what}could not write {path} ({e.strerror or e}; {free}); {then}")
+
+
 def trim_metrics(run_dir: Path, step: int) -> None:
-    """On resume, keep the rows up to the checkpoint's step; rows past it (a killed run's tail) move aside."""
+    """On resume, keep the rows up to the checkpoint's step; rows past it (a killed run's tail) move aside.
+    A failed write (a full disk) changes nothing: the temporary file goes, the side file is cut back."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
@@ -34,12 +57,19 @@ def trim_metrics(run_dir: Path, step: int) -> None:
             (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
         except ValueError:
             drop.append(line)
-    if drop:
-        with open(path.with_name("metrics.discarded.jsonl"), "a") as f:
-            f.write("\n".join(drop) + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    tmp, side = path.with_name(f".{path.name}.tmp"), path.with_name("metrics.discarded.jsonl")
+    side_size = side.stat().st_size if side.is_file() else None
+    try:
+        tmp.write_text("".join(line + "\n" for line in keep))
+        if drop:
+            with open(side, "a") as f:
+                f.write("\n".join(drop) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if drop and side.is_file():
+            os.truncate(side, side_size) if side_size is not None else side.unlink()
+        raise write_failure(tmp, e, run_dir, f"{METRICS_FILE} and the checkpoints are unchanged") from e
 
 
 def _fmt(v: Any) -> str:
@@ -100,6 +130,7 @@ class RunLogger:
                                     id=wandb_id, resume="allow", config=config, group=cfg.group,
                                     name=self.run_dir.name)
         self.file = open(self.run_dir / METRICS_FILE if main_process else os.devnull, "a", buffering=1)
+        self._write_failed = False
         mode = cfg.progress if main_process else "off"
         if mode == "auto":
             mode = "bar" if self.console.is_terminal else "lines"
@@ -132,8 +163,8 @@ class RunLogger:
         try:
             self.file.write(json.dumps(row) + "\n")
         except OSError as e:  # a full disk mid-run: one line, the checkpoints already written stay valid
-            raise TrainrunError(f"could not write {self.run_dir / METRICS_FILE} ({e.strerror or e}); free disk space, "
-                                f"then continue with resume={self.run_dir}") from e
+            self._write_failed = True
+            raise write_failure(self.run_dir / METRICS_FILE, e, self.run_dir) from e
 
     def log_stats(self, step: int, scalars: Dict[str, Any], detail: Dict[str, Any]) -> None:
         """The doctor's statistics: scalars to metrics.jsonl and wandb, per-layer detail to wandb only (stats.jsonl
@@ -161,7 +192,11 @@ class RunLogger:
         """Called from the runner's `finally`: the wandb run is finished (with the exit code) on every path."""
         try:
             self.stop_progress()
-            self.file.close()
+            try:
+                self.file.close()  # flushes what a failed write left in the buffer: it fails again
+            except OSError as e:
+                if exit_code == 0 and not self._write_failed:  # else the run's own error is already on its way
+                    raise write_failure(self.run_dir / METRICS_FILE, e, self.run_dir) from e
         finally:
             run, self.wandb = self.wandb, None
             if run is not None:

@@ -184,8 +184,12 @@ def _finish_axes(ax, figure: str, ylabel: str, values: List[float], log_y: bool 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", bbox_inches="tight")  # write then rename: a viewer never sees half a PNG
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")  # write then rename: a viewer never sees half a PNG
+        tmp.replace(path)
+    except OSError:  # a full disk: no half-written temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -212,6 +216,18 @@ def plot_run(run_dir) -> List[Path]:
         ax.legend(fontsize="small")
         written.append(_save(fig, run_dir / PLOTS_DIR / f"{figure}.png"))
     return written
+
+
+def plot_finished(path, sweep: bool = False) -> List[Path]:
+    """The plots a run (or a sweep) draws when it ends. They are a by-product: a failed write (a full disk) is one
+    warning line, and the run's result and checkpoints stand."""
+    try:
+        return plot_sweep(path) if sweep else plot_run(path)
+    except OSError as e:
+        print(f"trainrun: warning: could not write the plots of {path} ({e.strerror or e}); the results and "
+              f"checkpoints are complete; free disk space, then draw them with trainrun-plots {path}",
+              file=sys.stderr, flush=True)
+        return []
 
 
 def plot_sweep(sweep_dir) -> List[Path]:

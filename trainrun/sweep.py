@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -18,6 +19,22 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 RESULT_FILE = "result.json"
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes per path component
+
+
+def job_dir_name(override_dirname: str) -> str:
+    """A job's directory name: its overrides (Hydra's override_dirname) as ONE path component. A `/` in a value
+    (`data.root=d1/x.pt`) would nest the job a level deeper, out of the summary's sight: `%` and `/` are
+    percent-encoded; a name too long for a file system keeps its head and a hash of the whole."""
+    import hashlib
+
+    name = override_dirname.replace("%", "%25").replace("/", "%2F").replace("\0", "%00") or "defaults"
+    if name in (".", ".."):
+        name = name.replace(".", "%2E")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name.encode()[:MAX_NAME_BYTES - 13].decode(errors="ignore") + "-" + digest
+    return name
 
 
 def write_result(job_dir: Path, **fields: Any) -> None:
@@ -133,10 +150,16 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            write_summary(sweep_dir, str(config.checkpoint.monitor))
             try:
-                from trainrun.plots import plot_sweep
+                write_summary(sweep_dir, str(config.checkpoint.monitor))
+            except OSError as e:  # a full disk: the jobs' own results (result.json) stand
+                print(f"trainrun: error: could not write the summary of sweep {sweep_dir} ({e.strerror or e}); every "
+                      "job's result.json is complete; free disk space, then re-run the same command to summarize",
+                      file=sys.stderr, flush=True)
+                return
+            try:
+                from trainrun.plots import plot_finished
 
-                plot_sweep(sweep_dir)
+                plot_finished(sweep_dir, sweep=True)
             except ImportError:
                 pass

@@ -1,0 +1,155 @@
+"""Issue 12, items 18-20, 25, 26, 32: unwritable output roots, a full disk anywhere, sweeps with typos or `/` in
+values, signals and exit codes, Hydra's short flags. Through the real CLI where practical."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, read_jsonl, run_cli
+from trainrun import checkpoint as ck
+
+SMALL = ["model=mlp", *FAST]
+
+
+def _one_error_line(p, code=2):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("trainrun: error: "), p.stderr[-3000:]
+    return lines[0]
+
+
+def _patched_cli(cwd: Path, patch: str, *args: str, timeout: int = 300):
+    """The real CLI with one internal function patched (a fault injected at an exact point)."""
+    code = f"import sys\n{patch}\nsys.argv = ['trainrun', *{list(args)!r}]\nfrom trainrun.cli import main\nmain()\n"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 32: every Hydra flag, long and short
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hydra_option_strings():
+    from hydra._internal.utils import get_args_parser
+
+    return sorted(o for a in get_args_parser()._actions for o in a.option_strings)
+
+
+@pytest.mark.parametrize("flag", _hydra_option_strings())
+def test_every_hydra_flag_is_kept_out_of_the_overrides(flag):
+    from trainrun.cli import split_args
+
+    for given in ([flag, "seed=1"], [f"{flag}=x", "seed=1"]):
+        overrides, flags = split_args(given)
+        assert overrides == ["seed=1"] and flags == [given[0]], (given, overrides, flags)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["-sc", "install=bash"], "hydra_bash_completion"),  # what --hydra-help prints
+    (["--shell-completion", "install=bash"], "hydra_bash_completion"),
+    (["-i"], "Hydra 1."),
+    (["--info", "config"], "Config"),
+    (["-c", "job", "seed=3"], "seed: 3"),
+])
+def test_short_hydra_flags_reach_hydra(tmp_path, args, expect):
+    p = run_cli(tmp_path, *args, check=False)
+    assert p.returncode == 0 and "LexerNoViableAltException" not in p.stderr, p.stderr[-2000:]
+    assert expect in p.stdout, p.stdout[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_flag_still_checks_the_config_first(tmp_path):
+    line = _one_error_line(run_cli(tmp_path, "-r", "optimizer.lrr=0.1", check=False))
+    assert "unknown config key 'optimizer.lrr'" in line
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 20 / 25: sweeps
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,expect", [
+    (["optimizer.lrr=0.1,0.2"], "unknown config key 'optimizer.lrr'"),
+    (["model=cnnn,mlp"], "unknown option model=cnnn: choose one of"),
+    (["model=mlp,cnn", "optimizer.lr=0.1,-1"], "sweep job 2 of 4 (model=mlp optimizer.lr=-1): optimizer.lr=-1.0"),
+])
+def test_sweep_with_a_bad_override_fails_in_one_line_before_the_sweep(tmp_path, args, expect):
+    line = _one_error_line(run_cli(tmp_path, "-m", *args, *FAST, check=False))
+    assert expect in line, line
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "runs").exists()
+
+
+def test_sweep_job_names_are_one_path_component():
+    from trainrun.sweep import MAX_NAME_BYTES, job_dir_name
+
+    assert job_dir_name("data.root=d1/x.pt,seed=0") == "data.root=d1%2Fx.pt,seed=0"
+    assert job_dir_name("data.root=a%2Fb") != job_dir_name("data.root=a/b")  # no two values share a folder
+    assert job_dir_name("") == "defaults" and job_dir_name("..") == "%2E%2E"
+    long = job_dir_name("data.root=" + "/very/long/path" * 40)
+    assert "/" not in long and len(long.encode()) <= MAX_NAME_BYTES
+    assert long != job_dir_name("data.root=" + "/very/long/path" * 41)
+
+
+def test_sweep_over_values_with_a_slash_keeps_every_job_in_the_summary(tmp_path):
+    import torch
+
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+        g = torch.Generator().manual_seed(len(d))
+        torch.save({"x": torch.randn(64, 1, 4, 4, generator=g), "y": torch.arange(64) % 2}, tmp_path / d / "x.pt")
+    run_cli(tmp_path, "-m", "data=tensors", "data.root=d1/x.pt,d2/x.pt", "model=mlp", "trainer.max_steps=2",
+            "data.batch_size=8", "sweep_name=s", *FAST)
+    sweep = tmp_path / "multirun" / "s"
+    jobs = sorted(d.name for d in sweep.iterdir() if d.is_dir() and d.name != "plots")
+    assert len(jobs) == 2 and all("data.root=d" in j and "%2Fx.pt" in j for j in jobs), jobs
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert summary["n_jobs"] == 2 and summary["n_failed"] == 0, summary
+    assert {" ".join(j["overrides"]).split("data.root=")[1].split()[0] for j in summary["jobs"]} == \
+        {"d1/x.pt", "d2/x.pt"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 18: output_root that cannot be written
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("root", ["afile", "afile/runs"])
+def test_output_root_that_is_a_file(tmp_path, root):
+    (tmp_path / "afile").write_text("x")
+    line = _one_error_line(run_cli(tmp_path, f"output_root={root}", *SMALL, check=False))
+    assert line == (f"trainrun: error: output_root={root}: {tmp_path / 'afile'} is a file, not a directory; "
+                    "set output_root to a directory you can write")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_output_root_on_a_read_only_mount(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    mnt.mkdir()
+    r = subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount: {r.stderr.strip()}")
+    try:
+        line = _one_error_line(run_cli(tmp_path, f"output_root={mnt}/runs", *SMALL, check=False))
+        assert line == (f"trainrun: error: output_root={mnt}/runs: cannot write in {mnt} (a read-only file system); "
+                        "set output_root to a directory you can write")
+        assert list(src.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_output_root_without_write_permission(tmp_path, monkeypatch):
+    # root passes permission checks, so the refusal path is reached by denying access() as a non-root user sees it
+    from trainrun.cli import _check_writable
+    from trainrun.errors import ConfigError
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(ConfigError, match=r"^output_root=x: cannot write in .* \(no write permission\); set"):
+        _check_writable(tmp_path / "runs", "output_root=x", "set output_root to a directory you can write")
+    assert not (tmp_path / "runs").exists()
