@@ -2,13 +2,16 @@
 
 Layout inside a run directory:
     checkpoints/step_000123/state.pt         torch.save of the state (weights_only-loadable)
-    checkpoints/step_000123/state.pt.sha256  hex digest of state.pt, computed while writing
+    checkpoints/step_000123/state.pt.sha256  the folder's manifest: SHA256 of state.pt (computed while writing) and
+                                             of meta.json, in `sha256sum -c` format
     checkpoints/step_000123/meta.json        provenance + the digest
     checkpoints/latest                       name of the newest complete checkpoint
     checkpoints/best                         name of the best checkpoint by the monitored metric
 
 A checkpoint is written into a temporary folder, fsynced, then renamed into place; `latest` is
 replaced (tmp + rename) only after that, so a crash at any point leaves the previous state intact.
+A load verifies every file the manifest lists and refuses a folder holding any other file; a checkpoint written
+before meta.json was listed (one line) still loads, with state.pt verified.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -180,6 +184,9 @@ def step_name(step: int) -> str:
     return f"step_{step:09d}"
 
 
+_STEP_NAME = re.compile(r"step_[0-9]+")
+
+
 def list_checkpoints(run_dir: Path) -> List[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
@@ -189,11 +196,26 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
 
 
 def read_pointer(run_dir: Path, name: str) -> Optional[Path]:
-    ptr = Path(run_dir) / "checkpoints" / name
-    if not ptr.is_file():
+    """The checkpoint `checkpoints/<name>` names, or None if the pointer is missing, dangling or not the name of a
+    complete `step_*` folder in this same `checkpoints/` (a pointer is read from disk: untrusted)."""
+    root = Path(run_dir) / "checkpoints"
+    try:
+        text = (root / name).read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    target = ptr.parent / ptr.read_text().strip()
-    return target if target.is_dir() else None
+    if not _STEP_NAME.fullmatch(text):
+        return None
+    target = root / text
+    try:
+        inside = target.resolve().parent == root.resolve()  # not a symlink into another run
+    except OSError:
+        return None
+    return target if inside and (target / META).is_file() else None
+
+
+def write_pointer(run_dir: Path, name: str, ckpt_dir: Path) -> None:
+    """Point `checkpoints/<name>` (latest, best) at `ckpt_dir`, atomically."""
+    _write_text_atomic(Path(run_dir) / "checkpoints" / name, Path(ckpt_dir).name + "\n")
 
 
 def _disk_full(e: Optional[BaseException]) -> bool:
@@ -207,19 +229,31 @@ def _disk_full(e: Optional[BaseException]) -> bool:
     return False
 
 
+def _state_nbytes(obj: Any) -> int:
+    """The bytes of the tensors in a state (what torch.save writes, less the small pickle around them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_nbytes(v) for v in obj)
+    return 0
+
+
 def _disk_full_message(run_dir: Path, final: Path, written: int) -> str:
-    """One line: where, how much room a checkpoint needs (the previous one's size) and how much is free, the fix."""
-    prev = read_pointer(run_dir, "latest")
+    """One line: where, how much room a checkpoint needs (the state's size or the previous one's) and how much is
+    free, the fix; a resume is offered only when there is a checkpoint to resume from."""
+    prev = read_pointer(run_dir, "latest") or next(iter(list_checkpoints(run_dir)[-1:]), None)
     need = written
     try:
         need = max(need, sum(f.stat().st_size for f in prev.iterdir())) if prev is not None else need
         free = f"{shutil.disk_usage(final.parent).free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
-    kept = f"the previous checkpoint {prev.name} is intact" if prev is not None else "no checkpoint was written"
+    then = f"then continue with resume={Path(run_dir)}" if prev is not None else "then run the command again"
+    kept = f"the previous checkpoint {prev.name} is intact" if prev is not None else "no checkpoint was written yet"
     return (f"disk full: no space left to write checkpoint {final} (a checkpoint needs about {need / 2**20:.1f} MiB, "
-            f"{free}); {kept}; free disk space or set output_root to a larger disk, then continue with "
-            f"resume={Path(run_dir)}")
+            f"{free}); {kept}; free disk space or set output_root to a larger disk, {then}")
 
 
 def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], *, keep_last: int,
@@ -242,9 +276,11 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
         meta = {**meta, "step": step, "sha256": sha, "state_bytes": w.n}
         if metric is not None:
             meta["monitor_value"] = metric
-        for name, text in ((DIGEST, f"{sha}  {STATE}\n"), (META, json.dumps(meta, indent=2, sort_keys=True, default=str))):
-            with open(tmp / name, "w") as f:
-                f.write(text)
+        meta_bytes = json.dumps(meta, indent=2, sort_keys=True, default=str).encode()
+        manifest = f"{sha}  {STATE}\n{hashlib.sha256(meta_bytes).hexdigest()}  {META}\n".encode()
+        for name, data in ((DIGEST, manifest), (META, meta_bytes)):
+            with open(tmp / name, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
@@ -261,28 +297,33 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
         written = sum(f.stat().st_size for f in tmp.iterdir() if f.is_file()) if full and tmp.is_dir() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise CheckpointError(_disk_full_message(run_dir, final, written)) from e
+            raise CheckpointError(_disk_full_message(run_dir, final, max(written, _state_nbytes(state)))) from e
         if isinstance(e, OSError):
             raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); the previous "
                                   f"checkpoint is intact; free disk space or change output_root") from e
         raise
     try:
-        _write_text_atomic(root / "latest", final.name + "\n")
+        write_pointer(run_dir, "latest", final)
     except OSError as e:
         raise CheckpointError(f"checkpoint {final} is complete but {root / 'latest'} could not be updated "
                               f"({e.strerror or e}) and still names the previous checkpoint; free disk space, "
                               f"then continue with resume={Path(run_dir)}") from e
     if keep_best and metric is not None and is_better(metric, _pointer_metric(run_dir, "best"), mode):
-        _write_text_atomic(root / "best", final.name + "\n")
+        write_pointer(run_dir, "best", final)
     _retain(run_dir, keep_last)
     return final, sha
 
 
 def _pointer_metric(run_dir: Path, name: str) -> Optional[float]:
+    """The metric of the checkpoint a pointer names; None (any checkpoint beats it) if its meta.json is bad."""
     target = read_pointer(run_dir, name)
     if target is None:
         return None
-    return json.loads((target / META).read_text()).get("monitor_value")
+    try:
+        value = read_meta(target).get("monitor_value")
+    except CheckpointError:
+        return None
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def is_better(value: float, best: Optional[float], mode: str) -> bool:
@@ -310,11 +351,55 @@ def _retain(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def read_meta(ckpt_dir: Path) -> Dict[str, Any]:
+MAX_META_BYTES = 64 << 20  # meta.json is a few KiB; anything near this was not written by trainrun
+
+
+def digests(ckpt_dir: Path) -> Dict[str, str]:
+    """The manifest (file name -> SHA256) of a checkpoint folder, as recorded at save."""
     try:
-        return json.loads((Path(ckpt_dir) / META).read_text())
+        lines = (Path(ckpt_dir) / DIGEST).read_text().splitlines()
+        out = {}
+        for line in filter(str.strip, lines):
+            sha, name = line.split()
+            if name not in (STATE, META) or name in out or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
+                raise ValueError(line)
+            out[name] = sha
+        if STATE not in out:
+            raise ValueError(f"no {STATE} line")
+        return out
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable {DIGEST} ({type(e).__name__}: {e}); it is "
+                              "incomplete or was edited, resume from another") from e
+
+
+def verify(ckpt_dir: Path, name: str, data: bytes, manifest: Dict[str, str]) -> None:
+    """Refuse `data` (the bytes of file `name`) unless it has the SHA256 the manifest records for it."""
+    actual = hashlib.sha256(data).hexdigest()
+    recorded = manifest.get(name, actual)  # a checkpoint older than the full manifest does not list meta.json
+    if actual != recorded:
+        raise CheckpointError(f"checkpoint {ckpt_dir} failed its SHA256 check: {name} (recorded {recorded[:12]}, "
+                              f"file {actual[:12]}) is corrupt or was modified; resume from another checkpoint")
+
+
+def read_meta(ckpt_dir: Path, manifest: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """meta.json, verified against the manifest, as plain data (a mapping); never resolved or executed."""
+    path = Path(ckpt_dir) / META
+    try:
+        if path.stat().st_size > MAX_META_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes")
+        data = path.read_bytes()
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt_dir}: unreadable {META} ({e}); pick another checkpoint") from e
+    verify(ckpt_dir, META, data, digests(ckpt_dir) if manifest is None else manifest)
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: unreadable {META} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); pick another checkpoint") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {META} holds a {type(meta).__name__}, not a mapping; "
+                              "pick another checkpoint")
+    return meta
 
 
 def load(ckpt_dir: Path, map_location: Any = "cpu") -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -324,16 +409,16 @@ def load(ckpt_dir: Path, map_location: Any = "cpu") -> Tuple[Dict[str, Any], Dic
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint not found: {state_path} does not exist; "
                               "pass a run directory, a checkpoints/step_* directory, or resume=latest")
-    try:
-        recorded = (ckpt_dir / DIGEST).read_text().split()[0]
-    except (OSError, IndexError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable {DIGEST}; it is incomplete, resume from another") from e
+    manifest = digests(ckpt_dir)
+    if META in manifest:  # the whole folder is covered: a file nobody listed was put there after the save
+        extra = sorted(p.name for p in ckpt_dir.iterdir() if p.name not in (STATE, DIGEST, META))
+        if extra:
+            raise CheckpointError(f"checkpoint {ckpt_dir} holds {extra[0]!r}, a file its {DIGEST} does not list: "
+                                  "it was modified; resume from another checkpoint")
     data = state_path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
-    if actual != recorded:
-        raise CheckpointError(f"checkpoint {ckpt_dir} failed its SHA256 check (recorded {recorded[:12]}, "
-                              f"file {actual[:12]}): it is corrupt or was modified; resume from another checkpoint")
-    meta = read_meta(ckpt_dir)
+    verify(ckpt_dir, STATE, data, manifest)
+    meta = read_meta(ckpt_dir, manifest)
     if meta.get("sha256") not in (None, actual):
         raise CheckpointError(f"checkpoint {ckpt_dir}: {META} records SHA256 {meta['sha256'][:12]} but the state "
                               f"file is {actual[:12]}; the checkpoint was tampered with")
@@ -355,27 +440,33 @@ def run_dir_of(ckpt_dir: Path) -> Path:
     return Path(ckpt_dir).resolve().parent.parent
 
 
+def _newest_run(root: Path) -> Optional[Path]:
+    """The run under `root` whose newest checkpoint was written last (pointers are not needed to find it)."""
+    best, when = None, None
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        ckpts = list_checkpoints(d) if d.is_dir() else []
+        if ckpts:
+            t = (ckpts[-1] / META).stat().st_mtime
+            if when is None or t > when:
+                best, when = d, t
+    return best
+
+
 def candidates(spec: str, output_root: Path, run_name: Optional[str] = None, key: str = "resume") -> List[Path]:
-    """Checkpoint dirs a resume spec points to, best first (the newest valid one wins for run dirs)."""
+    """Checkpoint dirs a resume spec points to, best first. For a run directory: every complete checkpoint found
+    by scanning `checkpoints/`, newest first, whatever `latest` says (it may be missing, stale or forged)."""
     p = Path(spec)
     if spec == "latest":
         root = Path(output_root)
-        if run_name:
-            runs = [root / run_name]
-        else:
-            runs = sorted((d for d in root.glob("*") if (d / "checkpoints" / "latest").is_file()),
-                          key=lambda d: (d / "checkpoints" / "latest").stat().st_mtime, reverse=True)[:1] \
-                if root.is_dir() else []
-        if not runs or not list_checkpoints(runs[0]):
+        newest = (root / run_name) if run_name else _newest_run(root)
+        if newest is None or not list_checkpoints(newest):
             raise CheckpointError(f"{key}=latest: no run with checkpoints under {root}/; "
                                   f"pass the run directory explicitly ({key}=runs/NAME)")
-        p = runs[0]
+        p = newest
     if (p / STATE).is_file() or (p / META).is_file():
         return [p]
     if (p / "checkpoints").is_dir():
-        ckpts = list_checkpoints(p)
-        latest = read_pointer(p, "latest")
-        ordered = ([latest] if latest else []) + [c for c in reversed(ckpts) if c != latest]
+        ordered = list(reversed(list_checkpoints(p)))
         if ordered:
             return ordered
     raise CheckpointError(f"{key}={spec}: no checkpoint there; pass a run directory, a checkpoints/step_* "
@@ -383,8 +474,10 @@ def candidates(spec: str, output_root: Path, run_name: Optional[str] = None, key
 
 
 def is_latest(ckpt_dir: Path) -> bool:
-    latest = read_pointer(run_dir_of(ckpt_dir), "latest")
-    return latest is not None and latest.resolve() == Path(ckpt_dir).resolve()
+    """Whether `ckpt_dir` is the newest complete checkpoint of its run, by scanning (resuming it continues the run;
+    resuming an older one branches)."""
+    ckpts = list_checkpoints(run_dir_of(ckpt_dir))
+    return bool(ckpts) and ckpts[-1].resolve() == Path(ckpt_dir).resolve()
 
 
 def save_badstep(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainrun import checkpoint, distributed, provenance
+from trainrun import checkpoint, distributed, provenance, rundir
 from trainrun.config import validate
 from trainrun.data import BatchStream, build_split, sample_inputs
 from trainrun.diagnostics import memory_plan
@@ -28,82 +28,20 @@ from trainrun.distill import Distiller, load_teacher
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.errors import CheckpointError, ConfigError
 from trainrun.init import apply_init
-from trainrun.logging import RunLogger, config_tree, console, print_metrics, trim_metrics
+from trainrun.logging import RunLogger, config_tree, console, print_metrics, trim_metrics, write_failure
 from trainrun.loop import Trainer, TrainState, evaluate_all, fit, overfit_one_batch
-from trainrun.models import build_model
+from trainrun.models import build_model, check_forward, check_model_size
 from trainrun.optim import apply_hparams, build_optimizer
 from trainrun.precision import DTYPES, PrecisionPolicy
 from trainrun.regularization import (EMA, BatchAugment, EarlyStopping, add_stochastic_depth, build_loss,
                                      class_weights, effective_dropout)
-from trainrun.schedule import Schedule
+from trainrun.resume import (IGNORE_ON_RESUME, REFUSE_ON_CHANGE, adopt_checkpoint_config,  # noqa: F401
+                             adopt_trained_sections, check_data, check_resume_compatible, check_state, config_changes,
+                             load_resume)
+from trainrun.schedule import Schedule, horizon_change
 from trainrun.seed import capture_rng_state, restore_rng_state, seed_everything, set_determinism
 
 log = logging.getLogger("trainrun")
-
-# Sections whose change makes a checkpoint unusable, and keys that never matter for a resume.
-REFUSE_ON_CHANGE = ("model", "precision")
-IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name", "sweep_name")
-
-
-def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(d, dict):
-        out: Dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    a, b = _flatten(old), _flatten(new)
-    keys = sorted(set(a) | set(b))
-    ignored = lambda k: any(k == p or k.startswith(p + ".") for p in IGNORE_ON_RESUME)  # noqa: E731
-    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and not ignored(k)]
-
-
-def check_resume_compatible(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
-    changes = config_changes(old, new)
-    refused = [c for c in changes if c[0].split(".")[0] in REFUSE_ON_CHANGE]
-    if refused:
-        k, a, b = refused[0]
-        raise ConfigError(f"resume refused: {k} changed from {a!r} to {b!r}; the checkpoint was trained with "
-                          f"another {k.split('.')[0]}: start a new run, or resume with {k}={a}")
-    return changes
-
-
-def adopt_checkpoint_config(cfg: DictConfig, defaults: DictConfig, overrides: List[str],
-                            saved: Dict[str, Any]) -> DictConfig:
-    """A resume continues the run as it was configured: the checkpoint's resolved config, plus what this command
-    changes on purpose (keys that differ from the defaults or that an override names, a group override naming its
-    whole section) and the per-invocation keys (IGNORE_ON_RESUME). So `trainrun resume=RUN` needs no repeat of the
-    original overrides or recipe, and `trainrun resume=RUN trainer.max_steps=2000` extends it."""
-    from trainrun.config import TrainrunConfig
-
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    base = _flatten(OmegaConf.to_container(defaults, resolve=True))
-    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    under = lambda k, prefixes: any(k == p or k.startswith(p + ".") for p in prefixes)  # noqa: E731
-    merged = OmegaConf.create(saved)
-    for key, value in new.items():
-        if new.get(key) != base.get(key) or under(key, named) or under(key, IGNORE_ON_RESUME):
-            OmegaConf.update(merged, key, value, force_add=True)
-    return OmegaConf.merge(OmegaConf.structured(TrainrunConfig), merged)
-
-
-def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
-    """The newest loadable checkpoint the spec points to; falls back past corrupt ones with a warning."""
-    errors = []
-    for cand in checkpoint.candidates(spec, Path(cfg.output_root), cfg.run_name):
-        try:
-            state, meta = checkpoint.load(cand)
-            for e in errors:
-                log.warning("skipped a bad checkpoint: %s", e)
-            return cand, state, meta
-        except CheckpointError as e:
-            if Path(spec).resolve() == cand.resolve():
-                raise
-            errors.append(str(e))
-    raise CheckpointError(errors[0] if len(errors) == 1 else f"no valid checkpoint for resume={spec}: {errors[0]}")
 
 
 def build_distiller(cfg, model, ema, split, device) -> Distiller:
@@ -168,7 +106,7 @@ class _StopFlag:
     step boundary and exit."""
 
     def __init__(self):
-        self.requested, self._old = False, {}
+        self.requested, self.signum, self._old = False, None, {}
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
@@ -181,7 +119,7 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -197,7 +135,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
     run_dir = Path(run_dir)
     overfit_changes = overfit_settings(cfg) if cfg.mode == "overfit_batch" else []
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resumed = None
+    resumed, resume_changes = None, []
     if cfg.resume:
         ckpt_dir, state_dict, meta = load_resume(cfg.resume, cfg)
         if cfg.mode == "train" and defaults is not None:
@@ -205,13 +143,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
             validate(cfg)
             resolved = OmegaConf.to_container(cfg, resolve=True)
         if cfg.mode == "train":
-            for k, a, b in check_resume_compatible(meta["config"]["resolved"], resolved):
+            resume_changes = check_resume_compatible(meta["config"]["resolved"], resolved)
+            for k, a, b in resume_changes:
                 log.warning("resume with a changed config: %s %r -> %r", k, a, b)
         resumed = (ckpt_dir, state_dict, meta)
         if cfg.mode == "eval":  # evaluate the checkpoint as it was trained: its model, data and precision
-            trained = meta["config"]["resolved"]
-            for section in ("model", "data", "precision"):
-                cfg[section] = OmegaConf.merge(cfg[section], trained[section])
+            cfg = adopt_trained_sections(cfg, meta["config"]["resolved"], ("model", "data", "precision"))
             resolved = OmegaConf.to_container(cfg, resolve=True)
     elif cfg.mode == "eval":
         raise ConfigError("mode=eval needs a checkpoint: resume=<run dir or checkpoint dir>")
@@ -220,15 +157,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
                           "or pick another run_name")
 
     set_determinism(cfg.determinism)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     info = distributed.env_info()
     seed_everything(cfg.seed)  # the same on every rank: one data split, one initial model
     device = pick_device(cfg.trainer.device, info)
 
     split = build_split(cfg.data)
+    data_changed_from = check_data(resumed[2], split.fingerprint, cfg.determinism, resumed[0], cfg.data.name,
+                                   info.is_main) if resumed and cfg.mode == "train" else None
     if cfg.doctor.fault == "permuted_labels":
         permute_labels(split.train, cfg.seed)
+    check_model_size(cfg.model, split.input_shape, split.num_classes, effective_dropout(cfg.regularization, cfg.model),
+                     device)
     model = build_model(cfg.model, split.input_shape, split.num_classes,
                         effective_dropout(cfg.regularization, cfg.model))
+    check_forward(model, cfg.model.name, split.input_shape, split.num_classes)
     apply_init(model, cfg.init, cfg.model.activation, batch=sample_inputs(split.train, cfg.data.batch_size))
     reg = cfg.regularization
     if reg.stochastic_depth > 0:
@@ -310,6 +254,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
 
         train.order_fn = curriculum_order
 
+    if resumed:  # everything the checkpoint holds fits this run, before any of it is used
+        check_state(resumed[0], resumed[1], resumed[2], model, resume_changes,
+                    optimizer if cfg.mode != "eval" else None, cfg.optimizer.name, train.batches_per_epoch,
+                    trainer.distill)
+
     if cfg.mode == "init_report":
         from trainrun.diagnostics import activation_report, render_activation_report
 
@@ -365,6 +314,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
             elif part is not None:
                 log.warning("resume: the checkpoint has no %s state; %s starts afresh", name, name)
         trainer.state = TrainState(**st["trainer"])
+        reshaped = horizon_change(cfg.schedule, st["schedule"], schedule, steps_per_epoch, trainer.state.step,
+                                  optimizer.param_groups[0]["base_lr"])
+        if reshaped:
+            log.warning(reshaped)
         saved_world = meta.get("world_size", 1)
         if saved_world != info.world:
             log.warning("resume on another world size (%d -> %d processes): the global batch becomes %d, each rank's "
@@ -382,11 +335,19 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
     if cfg.logger.name == "wandb" and wandb_id is None:
         wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
-    if info.is_main and not (run_dir / "config.yaml").exists():  # resumes add their config to meta.json
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # Every check has passed: only now is the run directory touched (a fresh run clears what an earlier attempt
+    # left before its first checkpoint; config.yaml always holds this process's config; trainrun.log opens).
+    try:
+        cleared = rundir.accept(run_dir, OmegaConf.to_yaml(cfg, resolve=True), fresh=not resumed,
+                                main_process=info.is_main)
+    except OSError as e:  # a full disk before the first step: one line, and no resume= to suggest
+        raise write_failure(Path(e.filename or run_dir / "config.yaml"), e, run_dir) from e
     logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id, main_process=info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(f"[bold]trainrun[/] run dir: {run_dir}")
+    if cleared:
+        logger.print(f"{run_dir} held an earlier attempt that stopped before its first checkpoint: started over "
+                     f"(removed {', '.join(cleared)})")
     if not resumed:
         from trainrun.config import TrainrunConfig
 
@@ -400,7 +361,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
                  "+ activations; measured peak logged as peak_mem_mb")
     logger.print(f"model: {cfg.model.name} ({n_params:,} params) | optimizer: {cfg.optimizer.name} "
                  f"lr {optimizer.param_groups[0]['base_lr']:.4g} | schedule: {cfg.schedule.name} | precision: "
-                 f"{cfg.precision.name} | device: {device} | global batch {global_batch}"
+                 f"{cfg.precision.name} | device: {device}, {torch.get_num_threads()} CPU threads "
+                 f"| global batch {global_batch}"
                  + (f" ({cfg.data.batch_size} per rank x {info.world} ranks x {acc} accumulation, {parallel})"
                     if info.enabled else "") + f" | {total} steps")
     if resumed:
@@ -464,7 +426,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
             "config": {"resolved": resolved, "unresolved": OmegaConf.to_container(cfg, resolve=False)},
             "overrides": list(overrides or []),
             "command": provenance.command_line(),
-            "data": {"name": cfg.data.name, "fingerprint": split.fingerprint, "description": split.description},
+            "data": {"name": cfg.data.name, "fingerprint": split.fingerprint, "description": split.description,
+                     **({"fingerprint_changed_from": data_changed_from} if data_changed_from else {})},
             "parent_sha256": last_saved["sha"],
             "resumed_from": str(resumed[0]) if resumed else None,
             "wall_time_s": round(wall_before + time.perf_counter() - train_start, 3),
@@ -526,10 +489,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
         logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
                        f"(checkpointed; resume={run_dir} continues)", final)
         if cfg.logger.plots and info.is_main:
-            from trainrun.plots import plot_run
+            from trainrun.plots import plot_finished
 
-            plot_run(run_dir)
+            plot_finished(run_dir)
         exit_code = 0
-        return {**final, "finished": done}
+        return {**final, "finished": done, "signal": None if done else stop.signum}
     finally:
         logger.close(exit_code)
