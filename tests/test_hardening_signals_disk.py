@@ -153,3 +153,67 @@ def test_output_root_without_write_permission(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^output_root=x: cannot write in .* \(no write permission\); set"):
         _check_writable(tmp_path / "runs", "output_root=x", "set output_root to a directory you can write")
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 26: signals and exit codes
+# ---------------------------------------------------------------------------------------------------------------
+
+def _start_training(cwd: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "trainrun", "run_name=sig", "trainer.max_steps=100000",
+                             "trainer.ckpt_every=100000", *SMALL, "logger.log_every=1", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(run: Path, proc: subprocess.Popen, rows: int = 3) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the run did not start training: {proc.communicate()[1][-3000:]}")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)])
+def test_a_signal_checkpoints_then_exits_128_plus_its_number(tmp_path, sig, code):
+    run = tmp_path / "runs" / "sig"
+    proc = _start_training(tmp_path)
+    _wait_for_training(run, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, (proc.returncode, out[-2000:], err[-3000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trainrun: stopped by {sig.name} at step "), err[-3000:]
+    assert f"after a complete checkpoint (exit {code}); resume={run} continues" in lines[0]
+    latest = ck.read_pointer(run, "latest")
+    _, meta = ck.load(latest)  # complete and verified
+    assert f"at step {meta['step']} " in lines[0]
+
+
+def test_stop_at_step_is_a_success(tmp_path):
+    p = run_cli(tmp_path, "run_name=s", "trainer.max_steps=20", "trainer.stop_at_step=3", *SMALL, check=False)
+    assert p.returncode == 0 and "stopped by" not in p.stderr, p.stderr[-2000:]
+    assert ck.read_pointer(tmp_path / "runs" / "s", "latest").name == ck.step_name(3)
+
+
+def test_second_ctrl_c_during_a_checkpoint_write_ends_in_one_line(tmp_path):
+    # The first Ctrl-C asks for a checkpoint; the second arrives while it is written (state.pt done, meta not yet).
+    patch = ("import os, signal\nimport trainrun.checkpoint as c\n_orig, _n = c._save_uncrc, [0]\n"
+             "def _save(obj, w):\n    _orig(obj, w)\n    _n[0] += 1\n    if _n[0] == 2:\n"
+             "        os.kill(os.getpid(), signal.SIGINT)\n        os.kill(os.getpid(), signal.SIGINT)\n"
+             "c._save_uncrc = _save\n")
+    run = tmp_path / "runs" / "cc"
+    p = _patched_cli(tmp_path, patch, "run_name=cc", "trainer.max_steps=8", "trainer.ckpt_every=2", *SMALL)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 130, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert lines == [f"trainrun: interrupted by a second Ctrl-C; resume={run} continues from its latest complete "
+                     "checkpoint"], p.stderr[-3000:]
+    # the checkpoint being written is dropped whole; `latest` names the previous, complete one
+    assert [c.name for c in ck.list_checkpoints(run)] == [ck.step_name(2)]
+    assert ck.read_pointer(run, "latest").name == ck.step_name(2)
+    ck.load(ck.read_pointer(run, "latest"))
+    assert not [c.name for c in (run / "checkpoints").iterdir() if c.name.startswith(".")]
+    p = run_cli(tmp_path, f"resume={run}", "trainer.max_steps=8", "trainer.ckpt_every=2", *SMALL)
+    assert "at step 2 " in p.stdout and ck.read_pointer(run, "latest").name == ck.step_name(8)
