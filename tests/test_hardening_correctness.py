@@ -74,3 +74,75 @@ def test_weighted_ce_on_mixup_targets_is_the_weighted_mean_of_both_label_terms()
     den = lam * w[y] + (1 - lam) * w[y2]
     torch.testing.assert_close(build_loss(_reg(), w)(logits, soft), num.sum() / den.sum())
     assert type(build_loss(_reg(), None)) is nn.CrossEntropyLoss  # no weights: torch's loss, unchanged
+
+
+# --- 29: init=gpt2 scales the ViT's residual projections and is refused where nothing is marked ---
+
+def test_gpt2_init_scales_the_vit_residual_projections():
+    from omegaconf import OmegaConf
+    from trainrun.init import apply_init
+    from trainrun.models import build_model
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"name": "vit", "patch_size": 4, "width": 192, "layers": 3, "heads": 3, "mlp_ratio": 4.0})
+    model = build_model(cfg, (1, 8, 8), 10, 0.0)
+    assert torch.all(model.heads.head.weight == 0)  # torchvision's zero head, before gpt2
+    apply_init(model, OmegaConf.create({"name": "gpt2", "std": 0.02, "zero_init_residual": False,
+                                        "zero_init_head": False}))
+    marked = [n for n, m in model.named_modules() if getattr(m, "_residual_projection", False)]
+    assert len(marked) == 6 and sum("out_proj" in n for n in marked) == 3 and sum("mlp.3" in n for n in marked) == 3
+    scaled = 0.02 / math.sqrt(2 * 3)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            want = scaled if name in marked else 0.02
+            assert m.weight.std().item() == pytest.approx(want, rel=0.05), name
+    assert model.encoder.layers[0].self_attention.in_proj_weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("model", ["cnn", "mlp", "resnet18"])
+def test_gpt2_init_is_refused_on_models_without_residual_projections(cli, model):
+    p = cli(f"model={model}", "init=gpt2", "trainer.max_steps=2", check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trainrun: error: init=gpt2 scales the residual projections")
+
+
+def test_gpt2_init_trains_a_vit_through_the_cli(cli):
+    p = cli("model=vit_tiny", "init=gpt2", "model.layers=2", "model.width=32", "model.heads=2",
+            "trainer.max_steps=2", "mode=init_report")
+    assert p.returncode == 0
+
+
+# --- 31: activation gains, FSDP2 memory plan ---------------------------------------------------
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_kaiming_gain_is_the_activations_second_moment_gain(activation):
+    from trainrun.init import gain
+
+    f = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[activation]
+    z = torch.linspace(-14, 14, 400_001, dtype=torch.float64)
+    density = torch.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi)
+    second_moment = torch.trapezoid(f(z) ** 2 * density, z).item()
+    assert gain(activation) ** 2 * second_moment == pytest.approx(1.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("scheme", ["kaiming_normal", "kaiming_uniform"])
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu"])
+def test_kaiming_init_draws_with_the_activations_gain(scheme, activation):
+    from omegaconf import OmegaConf
+    from trainrun.init import apply_init, gain
+
+    torch.manual_seed(0)
+    layer = nn.Linear(512, 1024)
+    apply_init(layer, OmegaConf.create({"name": scheme, "zero_init_residual": False, "zero_init_head": False}),
+               activation)
+    assert layer.weight.std().item() == pytest.approx(gain(activation) / math.sqrt(512), rel=0.01)
+
+
+def test_memory_plan_divides_the_sharded_parts_by_the_world_size():
+    from trainrun.diagnostics import memory_plan
+
+    model = nn.Linear(100, 10)
+    one, four = memory_plan(model, "adamw", 0.0, "bf16"), memory_plan(model, "adamw", 0.0, "bf16", shards=4)
+    assert one["bytes_per_param"] == 16.0 and four["bytes_per_param"] == 4.0
+    assert four["total"] * 4 == one["total"] and four["params"] == one["params"] == 1010

@@ -172,8 +172,11 @@ def optimizer_state_bytes(name: str, params, momentum: float = 0.0) -> int:
     return total
 
 
-def memory_plan(model: nn.Module, optimizer_name: str, momentum: float, precision: str) -> Dict:
-    """Bytes for weights, gradients, optimizer state and master copies before training starts.
+def memory_plan(model: nn.Module, optimizer_name: str, momentum: float, precision: str, shards: int = 1) -> Dict:
+    """Bytes for weights, gradients, optimizer state and master copies before training starts, per rank.
+
+    `shards`: the world size under FSDP2, which keeps 1/shards of the weights, gradients and optimizer state on
+    each rank (the unsharded weights of one unit at a time are gathered for its forward/backward, on top).
 
     torch autocast (fp16/bf16) keeps the weights - the master copy - and their gradients in fp32 and casts to the
     low precision per operation, so weights 4 + grads 4 + optimizer state stay what fp32 needs: 16 B/param with
@@ -185,10 +188,11 @@ def memory_plan(model: nn.Module, optimizer_name: str, momentum: float, precisio
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     grads = sum(p.numel() * p.element_size() for p in params)
     state = optimizer_state_bytes(optimizer_name, params, momentum)
+    weights, grads, state = weights / shards, grads / shards, state / shards
     total = weights + grads + state
     return {"params": n, "weights": weights, "grads": grads, "optimizer_state": state,
             "master_copy": "the fp32 weights themselves" if precision != "fp32" else "none (fp32)",
-            "total": total, "bytes_per_param": total / max(1, n)}
+            "total": total, "bytes_per_param": total / max(1, n), "shards": shards}
 
 
 def measured_peak_bytes(device: torch.device) -> Dict:

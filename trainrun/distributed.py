@@ -106,18 +106,33 @@ def wrap(model: nn.Module, parallel: str, info: DistInfo, device: torch.device, 
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if parallel == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=precision_dtype, reduce_dtype=torch.float32) if precision_dtype \
-            else MixedPrecisionPolicy()
-        for child in list(model.children()):
-            if any(p.requires_grad for p in child.parameters()):
-                fully_shard(child, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
+        return _fully_shard(model, precision_dtype)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _fully_shard(model: nn.Module, precision_dtype) -> nn.Module:
+    """FSDP2: one unit per trainable child and one for the root, with the precision's MixedPrecisionPolicy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=precision_dtype, reduce_dtype=torch.float32) if precision_dtype \
+        else MixedPrecisionPolicy()
+    done = set()
+    if precision_dtype is not None:
+        # BatchNorm's CPU kernel refuses low-precision weights next to its fp32 running statistics
+        # ("expected scalar type BFloat16 but found Float"), and the statistics want fp32 anyway: each norm layer
+        # gets its own unit with fp32 parameters and inputs (the next unit casts its inputs back down).
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for norm in model.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and any(True for _ in norm.parameters()):
+                fully_shard(norm, mp_policy=fp32)
+                done.add(norm)
+    for child in list(model.children()):
+        if child not in done and any(p.requires_grad for p in child.parameters()):
+            fully_shard(child, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -154,6 +169,51 @@ def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict,
         return
     unwrap(model).load_state_dict(model_sd)
     optimizer.load_state_dict(optim_sd)
+
+
+def failure_line(error: BaseException, run_dir) -> str:
+    """One line for an exception that ended this rank's run (rank 0 prints it; its traceback goes to a file).
+
+    A rank that fails alone leaves its peers blocked in a collective until torchrun stops them, so each failing
+    rank records its line in torchrun's key-value store and rank 0 reports the others' lines next to its own
+    (its own error may only be the broken connection to a peer that failed first).
+    """
+    import time
+    import traceback
+    from pathlib import Path
+
+    info = env_info()
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    line = f"rank {info.rank}: {type(error).__name__}: {first}"
+    trace = Path(run_dir) / f"traceback_rank{info.rank}.txt"
+    try:
+        trace.write_text("".join(traceback.format_exception(error)))
+        line += f" (traceback: {trace})"
+    except OSError:
+        pass
+    store = _store()
+    if store is None:
+        return line
+    if info.rank != 0:
+        store.set(f"trainrun/failure/{info.rank}", line)
+        for _ in range(30):  # up to 3 s for rank 0 to print it before torchrun stops everyone
+            if store.check(["trainrun/failure/reported"]):
+                break
+            time.sleep(0.1)
+        return line
+    others = [store.get(k).decode() for r in range(1, info.world)
+              if store.check([k := f"trainrun/failure/{r}"])]
+    store.set("trainrun/failure/reported", "1")
+    if others and (isinstance(error, dist.DistError) or "closed by peer" in first or "Connection reset" in first):
+        return "; ".join(others)  # rank 0 only lost its connection to the rank that failed
+    return "; ".join([line, *others])
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except (RuntimeError, ValueError):
+        return None
 
 
 def teardown(exit_code: int = 0) -> None:

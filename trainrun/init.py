@@ -17,7 +17,16 @@ _SYMMETRY = ("a constant initialisation gives every unit of a layer the same out
              "units stay identical forever (the symmetry problem); use init=kaiming_normal for ReLU nets or "
              "init=xavier_uniform for tanh/linear ones")
 
-_GAIN_NONLINEARITY = {"relu": "relu", "gelu": "relu", "silu": "relu", "tanh": "tanh"}
+# Kaiming/orthogonal gain per activation f: g with g^2 * E[f(z)^2] = 1 for z ~ N(0, 1), the second-moment rule
+# that gives ReLU its sqrt(2) (He et al. 2015, eq. 10) and keeps a unit pre-activation variance from layer to
+# layer. torch's calculate_gain has no entry for GELU or SiLU; their E[f(z)^2] = 0.4252215 and 0.3557755 come from
+# numerical integration against the normal density (checked by tests/test_hardening_correctness.py). Unlike
+# ReLU they are not scale-invariant, so the gain holds at the unit-variance fixed point. tanh keeps torch's 5/3.
+GAINS = {"relu": math.sqrt(2.0), "tanh": 5.0 / 3, "gelu": 1.5335304411955353, "silu": 1.6765324703310909}
+
+
+def gain(activation: str) -> float:
+    return GAINS.get(activation, GAINS["relu"])
 
 
 def _weighted_layers(model: nn.Module):
@@ -31,9 +40,12 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Ten
     `batch` (needed; None for image-file datasets); gpt2 re-draws Linear/Embedding weights and resets norms.
     constant/zeros are refused (symmetry). zero_init_residual / zero_init_head apply after the scheme.
     """
-    nonlinearity = _GAIN_NONLINEARITY.get(activation, "relu")
     if cfg.name in ("constant", "zeros"):
         raise ConfigError(f"init.name={cfg.name!r}: {_SYMMETRY}")
+    if cfg.name == "gpt2" and not any(getattr(m, "_residual_projection", False) for m in model.modules()):
+        raise ConfigError(f"init=gpt2 scales the residual projections of transformer blocks, and this model "
+                          f"({type(model).__name__}) has none; use it with model=vit_tiny, or choose another "
+                          "init (e.g. init=kaiming_normal)")
     if cfg.name == "lsuv" and batch is None:
         raise ConfigError("init=lsuv needs an in-memory dataset batch to measure layer outputs (data=digits, "
                           "mnist5k, synthetic or tensors); choose another init (e.g. init=kaiming_normal) for "
@@ -50,12 +62,10 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Ten
                     nn.init.xavier_uniform_(w)
                 elif cfg.name == "xavier_normal":
                     nn.init.xavier_normal_(w)
-                elif cfg.name == "kaiming_uniform":
-                    nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity=nonlinearity)
-                elif cfg.name == "kaiming_normal":
-                    nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity=nonlinearity)
+                elif cfg.name in ("kaiming_uniform", "kaiming_normal"):
+                    _kaiming(w, cfg.name, activation)
                 elif cfg.name == "orthogonal":
-                    nn.init.orthogonal_(w, gain=nn.init.calculate_gain(nonlinearity))
+                    nn.init.orthogonal_(w, gain=gain(activation))
                 elif cfg.name == "trunc_normal":
                     nn.init.trunc_normal_(w, std=cfg.std, a=-2 * cfg.std, b=2 * cfg.std)
                 else:
@@ -73,6 +83,16 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Ten
             if head.bias is not None:
                 nn.init.zeros_(head.bias)
     return model
+
+
+def _kaiming(w: torch.Tensor, scheme: str, activation: str) -> None:
+    """He init with fan_in: std = gain(activation) / sqrt(fan_in) (torch's own call where torch has the gain)."""
+    fill = nn.init.kaiming_uniform_ if scheme == "kaiming_uniform" else nn.init.kaiming_normal_
+    if activation in ("relu", "tanh"):
+        fill(w, mode="fan_in", nonlinearity=activation)
+    else:
+        fill(w, mode="fan_in", nonlinearity="linear")  # gain 1, then the activation's own
+        w.mul_(gain(activation))
 
 
 class _StopForward(Exception):
@@ -170,6 +190,8 @@ def gpt2_init(model: nn.Module, std: float = 0.02) -> int:
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:  # q, k, v in one Parameter
+            nn.init.normal_(m.in_proj_weight, mean=0.0, std=std)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.padding_idx is not None:
@@ -212,5 +234,5 @@ def expected_std(scheme: str, fan_in: int, fan_out: int, nonlinearity: str = "re
     if scheme in ("xavier_uniform", "xavier_normal"):
         return math.sqrt(2.0 / (fan_in + fan_out))
     if scheme in ("kaiming_uniform", "kaiming_normal"):
-        return nn.init.calculate_gain(nonlinearity) / math.sqrt(fan_in)
+        return gain(nonlinearity) / math.sqrt(fan_in)
     raise ValueError(scheme)

@@ -353,9 +353,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
 
         logger.print(config_tree(cfg, OmegaConf.structured(TrainrunConfig)))
     logger.print(f"data: {split.description}")
-    plan = memory_plan(model, cfg.optimizer.name, cfg.optimizer.momentum, cfg.precision.name)
+    plan = memory_plan(model, cfg.optimizer.name, cfg.optimizer.momentum, cfg.precision.name,
+                       shards=info.world if parallel == "fsdp2" else 1)
     mb = 1024 ** 2
-    logger.print(f"memory plan: {plan['params']:,} params x {plan['bytes_per_param']:.1f} B/param = "
+    sharded = f" per rank (FSDP2 shards weights, grads and optimizer state over {info.world} ranks)" \
+        if plan["shards"] > 1 else ""
+    logger.print(f"memory plan{sharded}: {plan['params']:,} params x {plan['bytes_per_param']:.1f} B/param = "
                  f"{plan['total'] / mb:.2f} MiB (weights {plan['weights'] / mb:.2f}, grads {plan['grads'] / mb:.2f}, "
                  f"optimizer state {plan['optimizer_state'] / mb:.2f}; master copy: {plan['master_copy']}) "
                  "+ activations; measured peak logged as peak_mem_mb")

@@ -22,4 +22,18 @@ def vit(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
                               num_classes=num_classes)
     if c != 3:
         model.conv_proj = nn.Conv2d(c, cfg.width, kernel_size=p, stride=p)
+    mark_residual_projections(model)
     return model
+
+
+def mark_residual_projections(model: nn.Module) -> int:
+    """Mark the two Linear layers that write into each block's residual stream (attention out_proj, the MLP's
+    second Linear) for init=gpt2, and give the model its block count N (their std becomes 0.02 / sqrt(2 N))."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    blocks = [m for m in model.modules() if isinstance(m, EncoderBlock)]
+    for block in blocks:
+        block.self_attention.out_proj._residual_projection = True
+        [m for m in block.mlp if isinstance(m, nn.Linear)][-1]._residual_projection = True
+    model.num_layers = len(blocks)
+    return len(blocks)
