@@ -124,7 +124,7 @@ class CurriculumConfig:
     name: str = "off"  # off | loss | confidence | key | self_paced
     order: str = "easy_first"  # easy_first | hard_first (anti-curriculum)
     start_fraction: float = 0.2  # pacing: fraction = min(1, start + (1 - start) * epoch / pace_epochs)
-    pace_epochs: int = 0  # 0 = trainer.epochs
+    pace_epochs: int = 0  # 0 = the run's last epoch index (from the total steps, max_steps or epochs): full set by then
     random_fraction: float = 0.0  # mixed: this share of each epoch is drawn at random from the rest
     self_paced_threshold: float = 1.0  # self_paced: samples with loss below it are used
     self_paced_growth: float = 1.3  # self_paced: threshold multiplier per epoch
