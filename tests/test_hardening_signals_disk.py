@@ -217,3 +217,92 @@ def test_second_ctrl_c_during_a_checkpoint_write_ends_in_one_line(tmp_path):
     assert not [c.name for c in (run / "checkpoints").iterdir() if c.name.startswith(".")]
     p = run_cli(tmp_path, f"resume={run}", "trainer.max_steps=8", "trainer.ckpt_every=2", *SMALL)
     assert "at step 2 " in p.stdout and ck.read_pointer(run, "latest").name == ck.step_name(8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 19: a full disk anywhere (a real small tmpfs, filled to leave a chosen number of bytes)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {(r.stderr or r.stdout).strip()}")
+
+    def leave(free_bytes: int) -> None:
+        (mnt / "filler").unlink(missing_ok=True)
+        st = os.statvfs(mnt)
+        with open(mnt / "filler", "wb") as f:
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - free_bytes))
+
+    leave.mnt = mnt
+    yield leave
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _disk_args(mnt: Path, name: str, *more: str):
+    return [f"output_root={mnt / 'runs'}", f"run_name={name}", "trainer.max_steps=6", *SMALL, *more]
+
+
+NO_CHECKPOINT = ("no checkpoint was written yet; free disk space or set output_root to a larger disk, then run "
+                 "the command again")
+
+
+@pytest.mark.parametrize("free,name,written", [
+    (0, "lock", ".trainrun.lock"),       # the very first write of a run
+    (4096, "config", "config.yaml"),     # room for the lock's record only
+    (12288, "metrics", "metrics.jsonl"),  # metrics.jsonl fills its first page mid-run
+])
+def test_full_disk_before_the_first_checkpoint_is_one_line_without_resume(tmp_path, small_disk, free, name,
+                                                                           written):
+    small_disk(free)
+    run = small_disk.mnt / "runs" / name
+    p = run_cli(tmp_path, *_disk_args(small_disk.mnt, name, "trainer.max_steps=60", "logger.log_every=1"),
+                check=False)
+    line = _one_error_line(p)
+    assert line == (f"trainrun: error: disk full: could not write {run / written} (No space left on device; "
+                    f"0.0 MiB free); {NO_CHECKPOINT}"), line
+    assert not [f.name for f in run.iterdir() if f.name.endswith(".tmp")]
+
+
+def test_full_disk_at_the_first_checkpoint_estimates_its_size(tmp_path, small_disk):
+    small_disk(128 * 1024)
+    run = small_disk.mnt / "runs" / "ck"
+    line = _one_error_line(run_cli(tmp_path, *_disk_args(small_disk.mnt, "ck"), check=False))
+    assert f"checkpoint {run / 'checkpoints' / ck.step_name(6)} (a checkpoint needs about " in line
+    assert line.endswith(f"0.1 MiB free); {NO_CHECKPOINT}"), line
+    need_mib = float(line.split("needs about ")[1].split(" MiB")[0])
+    # as the advice says: space freed, the same command again completes; its checkpoint is the size announced
+    small_disk(3 * 2**20)
+    run_cli(tmp_path, *_disk_args(small_disk.mnt, "ck"))
+    actual = sum(f.stat().st_size for f in (run / "checkpoints" / ck.step_name(6)).iterdir()) / 2**20
+    assert abs(need_mib - actual) <= 0.1 * actual, (need_mib, actual)
+
+    # resume on a full disk: trim_metrics cannot rewrite metrics.jsonl; nothing changes, no temporary file stays
+    before = (run / "metrics.jsonl").read_bytes()
+    small_disk(0)
+    line = _one_error_line(run_cli(tmp_path, f"resume={run}", *_disk_args(small_disk.mnt, "ck")[2:], check=False))
+    assert line == (f"trainrun: error: disk full: could not write {run / 'metrics.jsonl'} (No space left on device; "
+                    f"0.0 MiB free); metrics.jsonl and the checkpoints are unchanged; free disk space, then continue "
+                    f"with resume={run}"), line
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert not (run / ".metrics.jsonl.tmp").exists()
+
+
+def test_full_disk_while_plotting_warns_in_one_line_and_the_run_stands(tmp_path):
+    patch = ("import errno\nimport matplotlib.figure as mf\n"
+             "def _full(self, fname, *a, **k):\n    open(fname, 'wb').write(b'half a png')\n"
+             "    raise OSError(errno.ENOSPC, 'No space left on device')\nmf.Figure.savefig = _full\n")
+    args = ["run_name=pl", "trainer.max_steps=4", *[a for a in SMALL if a != "logger.plots=false"], "logger.plots=true"]
+    p = _patched_cli(tmp_path, patch, *args)
+    run = tmp_path / "runs" / "pl"
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert p.stderr.strip().splitlines() == [
+        f"trainrun: warning: could not write the plots of {run} (No space left on device); the results and "
+        f"checkpoints are complete; free disk space, then draw them with trainrun-plots {run}"], p.stderr[-3000:]
+    assert not list((run / "plots").glob(".*.tmp"))
+    ck.load(ck.read_pointer(run, "latest"))

@@ -156,7 +156,12 @@ def _task(cfg: DictConfig):
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
-    _lock_run_dir(run_dir)
+    try:
+        _lock_run_dir(run_dir)
+    except OSError as e:  # the lock's PID record on a full disk: the first write of a run
+        from trainrun.logging import write_failure
+
+        _fail(str(write_failure(run_dir / rundir.LOCK_FILE, e, run_dir)))
     _RUN_DIR[:] = [run_dir]
     if hc.mode != RunMode.MULTIRUN:
         defaults = None

@@ -69,7 +69,7 @@ def trim_metrics(run_dir: Path, step: int) -> None:
         tmp.unlink(missing_ok=True)
         if drop and side.is_file():
             os.truncate(side, side_size) if side_size is not None else side.unlink()
-        raise write_failure(tmp, e, run_dir, f"{METRICS_FILE} and the checkpoints are unchanged") from e
+        raise write_failure(path, e, run_dir, f"{METRICS_FILE} and the checkpoints are unchanged") from e
 
 
 def _fmt(v: Any) -> str:

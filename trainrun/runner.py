@@ -77,9 +77,7 @@ def _overfit_batch(cfg: DictConfig, trainer: Trainer, doctor: Doctor, run_dir: P
         logger.print(f"overfit_batch: one batch of {cfg.data.batch_size} training samples, up to {d.overfit_steps} "
                      f"steps, passes below loss {d.overfit_loss:g}")
         losses, norms, halted = overfit_one_batch(trainer, d.overfit_steps, d.overfit_loss)
-        probe = doctor.label_probe()
-        if probe is not None and probe <= 2 / doctor.num_classes:
-            doctor.note("labels_unrelated", doctor.labels_unrelated_message(probe))
+        doctor.check_label_probe()
         verdict = overfit_verdict(losses, norms, d.overfit_loss, doctor.findings,
                                   trainer.optimizer.param_groups[0]["lr"], halted)
         verdict["findings"] = dict(doctor.findings)
@@ -256,8 +254,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
 
     if resumed:  # everything the checkpoint holds fits this run, before any of it is used
         check_state(resumed[0], resumed[1], resumed[2], model, resume_changes,
-                    optimizer if cfg.mode != "eval" else None, cfg.optimizer.name, train.batches_per_epoch,
-                    trainer.distill)
+                    optimizer if cfg.mode != "eval" else None, cfg.optimizer.name, trainer.distill)
 
     if cfg.mode == "init_report":
         from trainrun.diagnostics import activation_report, render_activation_report
@@ -341,7 +338,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
         cleared = rundir.accept(run_dir, OmegaConf.to_yaml(cfg, resolve=True), fresh=not resumed,
                                 main_process=info.is_main)
     except OSError as e:  # a full disk before the first step: one line, and no resume= to suggest
-        raise write_failure(Path(e.filename or run_dir / "config.yaml"), e, run_dir) from e
+        (run_dir / f".{rundir.CONFIG_FILE}.tmp").unlink(missing_ok=True)  # what write_config had begun
+        raise write_failure(Path(e.filename or run_dir / rundir.CONFIG_FILE), e, run_dir) from e
     logger = RunLogger(cfg.logger, run_dir, total, trainer.state.step, resolved, wandb_id, main_process=info.is_main)
     n_params = sum(p.numel() for p in model.parameters())
     logger.print(f"[bold]trainrun[/] run dir: {run_dir}")
