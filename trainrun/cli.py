@@ -236,10 +236,13 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
 
 
 def _stopped_by_signal(final, run_dir: Path) -> None:
+    from trainrun.distributed import env_info
+
     code = signal_exit_code(final)
-    if code:
+    if code and env_info().rank == 0:
         print(f"trainrun: stopped by {signal.Signals(code - 128).name} at step {final.get('step')} after a complete "
               f"checkpoint (exit {code}); resume={run_dir} continues", file=sys.stderr, flush=True)
+    if code:
         _SIGNAL_EXIT[:] = [code]
 
 
