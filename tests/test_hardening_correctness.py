@@ -146,3 +146,44 @@ def test_memory_plan_divides_the_sharded_parts_by_the_world_size():
     one, four = memory_plan(model, "adamw", 0.0, "bf16"), memory_plan(model, "adamw", 0.0, "bf16", shards=4)
     assert one["bytes_per_param"] == 16.0 and four["bytes_per_param"] == 4.0
     assert four["total"] * 4 == one["total"] and four["params"] == one["params"] == 1010
+
+
+# --- 34: the doctor words its label probe as evidence, with numbers, and asserts only what they support ---
+
+def _deterministic_labels(path, scale=1.0):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 1, 8, 8, generator=g)
+    x[:, 0, 0, :2] *= scale
+    y = (x[:, 0, 0, 0] > 0).long() * 2 + (x[:, 0, 0, 1] > 0).long()  # a function of two input values
+    torch.save({"x": x, "y": y}, path)
+
+
+def test_doctor_does_not_blame_labels_that_are_a_function_of_the_inputs(cli):
+    # the 1-NN probe sees only a weak signal here (two of 64 input values decide the label): ~35% vs 25% chance
+    _deterministic_labels(cli.dir / "det.pt")
+    p = cli("data=tensors", "data.root=det.pt", "model=mlp", "optimizer=sgd", "optimizer.lr=1e-9",
+            "schedule=constant", "trainer.max_steps=4", "trainer.eval_every=4")
+    assert "chance level" in p.stdout, p.stdout[-2000:]
+    assert "do not go with the inputs" not in p.stdout
+    line = next(l for l in p.stdout.splitlines() if "doctor:" in l and "chance level" in l)
+    assert "but the data is learnable" in line and "val samples (chance 2" in line and "one-sided p" in line
+    print(line)
+
+
+def test_doctor_reports_permuted_labels_as_evidence_with_numbers(cli):
+    p = cli("+fault=permuted_labels", "trainer.max_steps=22", "trainer.eval_every=22")
+    line = next(l for l in p.stdout.splitlines() if "doctor:" in l and "chance level" in l)
+    assert "evidence that the training labels do not go with the inputs" in line
+    import re
+
+    n, chance = re.search(r"on (\d+) val samples \(chance (\d+\.\d)%\)", line).groups()
+    assert int(n) == 359 and abs(float(chance) - 10) < 0.5 and "no better than random labels (z = " in line
+
+
+def test_label_probe_statistics():
+    from trainrun.doctor import LabelProbe
+
+    at_chance, signal = LabelProbe(0.109, 359, 0.1), LabelProbe(0.338, 400, 0.25)
+    assert at_chance.at_chance and at_chance.z == pytest.approx(0.57, abs=0.01)
+    assert not signal.at_chance and signal.z == pytest.approx(4.06, abs=0.01)
+    assert "one-sided p = 2.4e-05" in signal.p_text()

@@ -440,25 +440,30 @@ class Doctor:
         if val_acc is None or val_acc > 1.5 * chance or self._chance_checked:
             return
         self._chance_checked = True
+        at = f"at step {step} val/acc is {100 * val_acc:.1f}%, chance level; "
+        probe = self.check_label_probe(at)
+        if probe is None or probe.n < LabelProbe.MIN_VAL:
+            self.note("not_learning", f"{at}run mode=overfit_batch; if it passes, check that the labels go with the "
+                                      "inputs" + (f" ({probe.describe()}: too few val samples to tell)" if probe else ""))
+        elif not probe.at_chance:
+            self.note("not_learning", f"{at}but the data is learnable: {probe.describe()}, above what random labels "
+                                      f"give ({probe.p_text()}), so the labels depend on the inputs and the training "
+                                      "does not work; run mode=overfit_batch to find out why (learning rate, loss, "
+                                      "gradients)")
+
+    def check_label_probe(self, prefix: str = "") -> Optional["LabelProbe"]:
+        """Run the 1-NN probe; note `labels_unrelated` only when it is at chance on enough val samples."""
         probe = self.label_probe()
-        if probe is None:
-            self.note("not_learning", f"at step {step} val/acc is {100 * val_acc:.1f}%, chance level: run "
-                                      "mode=overfit_batch; if it passes, check that the labels go with the inputs")
-        elif probe <= 2 * chance:
-            self.note("labels_unrelated", self.labels_unrelated_message(probe, f"at step {step} val/acc is "
-                                                                                 f"{100 * val_acc:.1f}%, chance level; "))
-        else:
-            self.note("not_learning", f"at step {step} val/acc is {100 * val_acc:.1f}%, chance level, but the data "
-                                      f"is learnable (a 1-nearest-neighbour classifier on the raw inputs scores "
-                                      f"{100 * probe:.1f}% on val): the training does not work; run "
-                                      "mode=overfit_batch to find out why (learning rate, loss, gradients)")
+        if probe is not None and probe.n >= LabelProbe.MIN_VAL and probe.at_chance:
+            self.note("labels_unrelated", f"{prefix}evidence that the training labels do not go with the inputs: "
+                                          f"{probe.describe()}, no better than random labels ({probe.p_text()}); "
+                                          "look for shuffled or misaligned labels, a wrong label map, or val "
+                                          "preprocessed unlike train (the probe measures raw-input distances, so a "
+                                          "label that depends on the inputs in a way they do not show can also "
+                                          "look like this)")
+        return probe
 
-    def labels_unrelated_message(self, probe: float, prefix: str = "") -> str:
-        return (f"{prefix}the training labels do not go with the inputs: a 1-nearest-neighbour classifier on the raw "
-                f"training inputs scores {100 * probe:.1f}% on val (chance {100 / self.num_classes:.1f}%); "
-                "look for shuffled or misaligned labels, a wrong label map, or val preprocessed unlike train")
-
-    def label_probe(self) -> Optional[float]:
+    def label_probe(self) -> Optional["LabelProbe"]:
         """Val accuracy of a 1-nearest-neighbour classifier on the raw inputs (in-memory data; up to 5,000 training
         and 1,000 val samples): well above chance for a real dataset whose training labels go with its inputs
         (digits: 98%), at chance, with little spread, when they do not. None if the data is not in memory."""
@@ -473,7 +478,11 @@ class Doctor:
         tx, ty = train.x[ti].flatten(1).float().cpu(), train.y[ti].cpu()
         vx, vy = val.x[vi].flatten(1).float().cpu(), val.y[vi].cpu()
         nearest = torch.cat([torch.cdist(chunk, tx).argmin(1) for chunk in vx.split(250)])
-        return float((ty[nearest] == vy).float().mean())
+        k = int(max(ty.max(), vy.max())) + 1
+        # with labels independent of the inputs, the neighbour's label matches with probability sum_k q_k r_k
+        chance = float((torch.bincount(ty, minlength=k).double() / len(ty)
+                        * torch.bincount(vy, minlength=k).double() / len(vy)).sum())
+        return LabelProbe(float((ty[nearest] == vy).float().mean()), len(vy), chance)
 
     # -- statistics ---------------------------------------------------------------------------------------------
     def _named_params(self) -> List[Tuple[str, torch.Tensor]]:
@@ -581,6 +590,34 @@ class Doctor:
 
 
 # --- overfit one batch -----------------------------------------------------------------------------------------
+class LabelProbe:
+    """A 1-NN probe's val accuracy against the accuracy labels independent of the inputs would give.
+
+    Under independence the number of matches is Binomial(n, chance); `z` is the normal approximation's score, and
+    the probe counts as at chance when z < 2 (one-sided p > 0.023).
+    """
+    MIN_VAL = 30  # fewer val samples cannot tell a weak signal from none
+
+    def __init__(self, acc: float, n: int, chance: float):
+        self.acc, self.n, self.chance = acc, n, chance
+
+    @property
+    def z(self) -> float:
+        return (self.acc - self.chance) / max(math.sqrt(self.chance * (1 - self.chance) / self.n), 1e-12)
+
+    @property
+    def at_chance(self) -> bool:
+        return self.z < 2.0
+
+    def p_text(self) -> str:
+        p = 0.5 * math.erfc(self.z / math.sqrt(2))
+        return f"z = {self.z:.1f}, one-sided p " + (f"= {p:.2g}" if p >= 1e-6 else "< 1e-6")
+
+    def describe(self) -> str:
+        return (f"a 1-nearest-neighbour classifier on the raw training inputs scores {100 * self.acc:.1f}% on "
+                f"{self.n} val samples (chance {100 * self.chance:.1f}%)")
+
+
 def overfit_verdict(losses: List[float], grad_norms: List[float], target: float, findings: Dict[str, str],
                     lr: float, halted: Optional[str] = None) -> Dict:
     """Pass when the batch's loss fell below `target`; otherwise the likely causes, from the curve."""
