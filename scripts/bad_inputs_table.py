@@ -48,6 +48,27 @@ def tensors(cwd: Path, name: str, *, nan=False, label_max=None, negative=False, 
     torch.save({"x": x, "y": y}, cwd / name)
 
 
+def labels_file(cwd: Path, name: str, y: torch.Tensor, shape=(1, 4, 4)) -> None:
+    """A tensors file of 64 random inputs with the given labels (one class, a label of 10**9, complex labels)."""
+    torch.save({"x": torch.randn(64, *shape, generator=torch.Generator().manual_seed(0)), "y": y}, cwd / name)
+
+
+def big_label(cwd: Path) -> None:
+    y = torch.arange(64) % 3
+    y[5] = 10**9
+    labels_file(cwd, "big.pt", y)
+
+
+def image_folder_with_a_text_png(cwd: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (cwd / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(cwd / "imgs" / c / f"{i}.png")
+    (cwd / "imgs" / "b" / "notes.png").write_text("not an image\n")
+
+
 def not_a_torch_file(cwd: Path, name: str) -> None:
     (cwd / name).write_text("this is not a tensor file\n")
 
@@ -124,6 +145,24 @@ CASES = [
     ("missing state.pt.sha256", [f"resume={CKPT}", "model=mlp"], delete_sha, True),
     ("checkpoint whose pickle would run code", [f"resume={CKPT}", "model=mlp"], code_executing_pickle, True),
     ("resume with another model", ["resume=runs/ok", "model=cnn"], None, True),
+    ("one class (data.num_classes=1)", ["data.num_classes=1"], None, False),
+    ("one class in a tensors file", ["data=tensors", "data.root=one.pt", "model=mlp"],
+     lambda d: labels_file(d, "one.pt", torch.zeros(64, dtype=torch.long)), False),
+    ("a billion classes", ["data.num_classes=1000000000"], None, False),
+    ("a label of 10**9 in a tensors file", ["data=tensors", "data.root=big.pt", "model=mlp"], big_label, False),
+    ("a CNN on 1x1 inputs", ["data=synthetic", "data.input_shape=[1,1,1]", "model=cnn"], None, False),
+    ("seed too large for torch", [f"seed={2**70}"], None, False),
+    ("seed deleted", ["~seed"], None, False),
+    ("a text file named .png in an image folder", ["data=imagefolder", "data.root=imgs", "data.image_size=8",
+                                                    "data.num_workers=0", "model=mlp"],
+     image_folder_with_a_text_png, False),
+    ("zero-width hidden layer", ["model=mlp", "model.hidden_sizes=[0]"], None, False),
+    ("zero input channels in a tensors file", ["data=tensors", "data.root=empty.pt", "model=mlp"],
+     lambda d: labels_file(d, "empty.pt", torch.arange(64) % 3, shape=(0, 8, 8)), False),
+    ("checkpoint.monitor that evaluation never logs", ["checkpoint.monitor=val/typo"], None, False),
+    ("complex labels", ["data=tensors", "data.root=cplx.pt", "model=mlp"],
+     lambda d: labels_file(d, "cplx.pt", (torch.arange(64) % 3).to(torch.complex64)), False),
+    ("data.augment on synthetic data", ["data=synthetic", "data.augment=true"], None, False),
 ]
 
 

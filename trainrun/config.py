@@ -68,9 +68,13 @@ class OptimizerConfig:
 class ScheduleConfig:
     # constant | warmup_cosine | warmup_linear | step | multistep | exponential | wsd | onecycle | polynomial | plateau
     name: str = "constant"
-    warmup_steps: int = 0  # at most one of the three warmup_* may be non-zero
-    warmup_fraction: float = 0.0  # of the total optimizer steps
-    warmup_epochs: float = 0.0
+    # At most one of the three warmup_* may be non-zero. Unset (null), the option's default_warmup_fraction applies,
+    # so an explicit key (warmup_steps=10, warmup_fraction=0) always wins over the schedule option's own default.
+    warmup_steps: Optional[int] = None
+    warmup_fraction: Optional[float] = None  # of the total optimizer steps
+    warmup_epochs: Optional[float] = None
+    default_warmup_fraction: float = 0.0  # set by the schedule option (configs/schedule/*.yaml), not by users
+    total_steps: Optional[int] = None  # the schedule's horizon in optimizer steps; null: the run's length
     min_lr_ratio: float = 0.0  # cosine/linear/wsd/polynomial end at lr * min_lr_ratio
     step_size: int = 0  # step: multiply by gamma every step_size optimizer steps
     milestones: List[float] = field(default_factory=list)  # multistep: fractions of the total steps
@@ -154,7 +158,7 @@ class DataConfig:
     persistent_workers: bool = True  # with num_workers > 0: keep the workers alive across epochs
     prefetch_factor: Optional[int] = None  # with num_workers > 0: batches each worker loads ahead (None: torch's 2)
     image_size: int = 32  # imagefolder: resize to this square size
-    augment: bool = False  # random crop + horizontal flip (image datasets)
+    augment: bool = False  # random crop + horizontal flip; digits/mnist5k: crop only (a flipped digit is another glyph)
     limit_train: Optional[int] = None  # use only the first N training samples (smoke runs)
     limit_val: Optional[int] = None
     # synthetic: Gaussian class clusters, for tests and benchmarks
@@ -189,6 +193,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training/eval forward (checkpoints stay prefix-free)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
     channels_last: bool = False  # NHWC memory format for 4-D inputs and conv weights (faster convs on GPU/CPU)
+    threads: Optional[int] = None  # torch intra-op CPU threads (torch.set_num_threads); null: torch's default
 
 
 @dataclass
@@ -248,6 +253,9 @@ class TrainrunConfig:
     sweep_name: Optional[str] = None  # multirun: fixed sweep directory multirun/NAME (re-runs skip finished jobs)
 
 
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the rank offset under torchrun stays below it
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="trainrun_schema", node=TrainrunConfig)
 
@@ -296,11 +304,26 @@ def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:
             _check_known_keys(node[key], schema[key], f"{prefix}{key}.")
 
 
+def _check_required_keys(node: Any, schema: Any, prefix: str) -> None:
+    """`~key` deletes a key (and `key=???` leaves it unset) that the run cannot do without: refuse it here."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in schema.keys():
+        if key not in node or OmegaConf.is_missing(node, key):
+            default = OmegaConf.to_container(schema, resolve=False)[key]
+            raise ConfigError(f"{prefix}{key} is missing (deleted with ~{prefix}{key}?) but every run needs it: "
+                              f"drop the ~{prefix}{key} override or set {prefix}{key}= a value (default: {default!r})")
+        if OmegaConf.get_type(schema, key) is not dict:
+            _check_required_keys(node[key], schema[key], f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line: the key, the value, the fix) on the first bad value."""
     from trainrun.models import MODELS
 
-    _check_known_keys(cfg, OmegaConf.structured(TrainrunConfig), "")
+    schema = OmegaConf.structured(TrainrunConfig)
+    _check_known_keys(cfg, schema, "")
+    _check_required_keys(cfg, schema, "")
 
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{key}={_get(cfg, key)!r}: {msg}")
@@ -330,7 +353,7 @@ def validate(cfg: DictConfig) -> None:
                 "model.layers", "model.heads", "model.mlp_ratio", "lr_find.start_lr", "lr_find.end_lr",
                 "lr_find.num_steps", "lr_find.diverge",
                 "doctor.max_consecutive_skips", "doctor.overfit_steps", "doctor.overfit_loss",
-                "doctor.min_loss_scale", "data.prefetch_factor"):
+                "doctor.min_loss_scale", "data.prefetch_factor", "trainer.threads", "schedule.total_steps"):
         positive(key)
     for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
                 "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
@@ -348,6 +371,7 @@ def validate(cfg: DictConfig) -> None:
             fail(key, "must be in [0, 1]" if closed else "must be in [0, 1)")
 
     for key in ("regularization.label_smoothing", "data.val_fraction", "schedule.warmup_fraction",
+                "schedule.default_warmup_fraction",
                 "model.dropout", "regularization.dropout", "regularization.stochastic_depth",
                 "regularization.ema_decay", "schedule.factor", "curriculum.random_fraction"):
         unit(key)
@@ -407,3 +431,34 @@ def validate(cfg: DictConfig) -> None:
     dev = str(cfg.trainer.device)
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         fail("trainer.device", "must be auto, cpu, cuda or cuda:N")
+    _check_sizes_and_names(cfg, fail)
+
+
+def _check_sizes_and_names(cfg: DictConfig, fail) -> None:
+    """Values that pass the type check but would crash or silently mislead later: seeds RNGs cannot take, class
+    counts no classifier can have, zero-width layers, a monitored metric that evaluation never logs."""
+    from trainrun.data.datasets import MAX_CLASSES
+    from trainrun.loop import eval_metric_names
+
+    if not 0 <= cfg.seed <= SEED_MAX:
+        fail("seed", "must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), e.g. seed=0")
+    k = cfg.data.num_classes
+    if k is not None and k < 2:
+        fail("data.num_classes", "a classifier needs at least 2 classes (with one, the loss is always 0 and "
+                                 "accuracy always 1); check the labels, or leave data.num_classes unset")
+    if k is not None and k > MAX_CLASSES:
+        fail("data.num_classes", f"more than {MAX_CLASSES:,} classes is refused (the classifier head alone would "
+                                 f"hold {k:,} x width weights); set the number of classes the labels really have")
+    for key in ("model.hidden_sizes", "model.channels"):
+        if any(v <= 0 for v in _get(cfg, key)):
+            fail(key, "every layer width must be > 0 (a zero-width layer passes nothing on, so the model "
+                      "cannot learn); drop the 0 or use a positive width")
+    names = eval_metric_names(cfg.regularization.ema_decay > 0)
+    if cfg.checkpoint.monitor not in names:
+        fail("checkpoint.monitor", f"evaluation logs only {', '.join(names)}"
+                                   + ("" if cfg.regularization.ema_decay > 0 else
+                                      " (val_raw/* exists with regularization.ema_decay > 0)")
+                                   + "; the best checkpoint and early stopping would never see this metric")
+    if cfg.data.augment and cfg.data.name == "synthetic":
+        fail("data.augment", "data=synthetic is Gaussian class clusters with no image structure to crop or flip; "
+                             "drop data.augment=true")

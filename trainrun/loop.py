@@ -144,6 +144,14 @@ def _grad_sync(model: nn.Module, on: bool) -> None:
         model.set_requires_gradient_sync(on)
 
 
+EVAL_METRICS = ("val/loss", "val/acc")  # what `evaluate` returns: the names checkpoint.monitor may use
+
+
+def eval_metric_names(ema: bool) -> Tuple[str, ...]:
+    """Every metric name `evaluate_all` logs: val/*, plus val_raw/* (the raw weights) when EMA is on."""
+    return EVAL_METRICS + tuple(k.replace("val/", "val_raw/") for k in EVAL_METRICS if ema)
+
+
 def evaluate_all(t: Trainer) -> Dict[str, float]:
     """val/* from the EMA weights when EMA is on (val_raw/* then holds the raw weights), else the raw weights."""
     if t.ema is None:
@@ -169,7 +177,7 @@ def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, 
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
     model.train(was_training)
-    return {"val/loss": float(loss) / max(1, n), "val/acc": float(correct) / max(1, n)}
+    return dict(zip(EVAL_METRICS, (float(loss) / max(1, n), float(correct) / max(1, n))))
 
 
 def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at: int,

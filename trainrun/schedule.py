@@ -21,6 +21,13 @@ Each schedule equals a reference implementation, checked step by step in tests/t
 
 Where the references differ past the end of the run (t > total), these schedules hold their end
 value (transformers' cosine rises again, OneCycleLR raises): a shortened resumed run stays sane.
+The horizon `total` is the run's length unless `schedule.total_steps` pins it: a run extended on
+resume keeps its original curve that way (and runs the extra steps at the end value); otherwise the
+curve is re-stretched over the new length and `horizon_change` says what that does to the LR.
+
+Warmup: the first non-zero of warmup_steps / warmup_fraction / warmup_epochs; when none of them is
+set at all, the schedule option's `default_warmup_fraction` (5% for warmup_cosine, ...). So an
+explicit key, zero included, wins over the option's default.
 
 `plateau` is the one stateful schedule: `on_eval(value)` updates its counters, `state_dict()` carries
 them (plain ints/floats, loadable with `torch.load(weights_only=True)`), and a reduction takes effect
@@ -28,6 +35,8 @@ on the very next optimizer step, as `ReduceLROnPlateau.step(metric)` after valid
 """
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -35,30 +44,40 @@ import torch
 
 from trainrun.errors import ConfigError
 
+log = logging.getLogger("trainrun")
+
 WARMUP_KEYS = ("warmup_steps", "warmup_fraction", "warmup_epochs")
 PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: smaller reductions are ignored (here in units of the base LR)
 
 
-def resolve_warmup(cfg, total_steps: int, steps_per_epoch: int) -> int:
+def requested_warmup(cfg, total_steps: int, steps_per_epoch: int) -> int:
+    """Warmup steps as configured (before capping at the run's length)."""
     if cfg.warmup_steps:
-        w = cfg.warmup_steps
-    elif cfg.warmup_fraction:
-        w = int(round(cfg.warmup_fraction * total_steps))
-    elif cfg.warmup_epochs:
-        w = int(round(cfg.warmup_epochs * steps_per_epoch))
-    else:
-        w = 0
-    return min(w, total_steps)
+        return cfg.warmup_steps
+    if cfg.warmup_fraction:
+        return int(round(cfg.warmup_fraction * total_steps))
+    if cfg.warmup_epochs:
+        return int(round(cfg.warmup_epochs * steps_per_epoch))
+    if all(getattr(cfg, key, None) is None for key in WARMUP_KEYS):  # none named: the option's own default
+        return int(round((getattr(cfg, "default_warmup_fraction", 0.0) or 0.0) * total_steps))
+    return 0
+
+
+def resolve_warmup(cfg, total_steps: int, steps_per_epoch: int) -> int:
+    return min(requested_warmup(cfg, total_steps, steps_per_epoch), total_steps)
 
 
 class Schedule:
     def __init__(self, cfg, total_steps: int, steps_per_epoch: int, monitor_mode: str = "max"):
-        self.name, self.total = cfg.name, max(1, total_steps)
-        self.warmup = resolve_warmup(cfg, total_steps, steps_per_epoch)
+        self.name = cfg.name
+        self._set_horizon(cfg, getattr(cfg, "total_steps", None) or total_steps, steps_per_epoch)
+        wanted = requested_warmup(cfg, self.total, steps_per_epoch)
+        if wanted > self.total:
+            key = next((k for k in WARMUP_KEYS if getattr(cfg, k, None)), "default_warmup_fraction")
+            log.warning("schedule.%s=%s asks for a %d-step warmup, longer than the schedule's %d steps: the LR never "
+                        "reaches optimizer.lr; shorten the warmup or train longer", key, getattr(cfg, key), wanted,
+                        self.total)
         self.min_ratio, self.gamma, self.step_size = cfg.min_lr_ratio, cfg.gamma, cfg.step_size
-        self.milestones = [int(round(f * self.total)) for f in cfg.milestones]
-        # wsd
-        self.decay_steps = int(round(cfg.decay_fraction * self.total))
         self.decay_type = cfg.decay_type
         # polynomial
         self.power = cfg.power
@@ -81,6 +100,13 @@ class Schedule:
         self.cooldown_counter = 0
         self.scale = 1.0  # the plateau factor on the LR: factor ** reductions, floored at min_lr_ratio
         self._applied: Optional[Tuple[torch.optim.Optimizer, int]] = None  # last apply(), re-applied on a reduction
+
+    def _set_horizon(self, cfg, total_steps: int, steps_per_epoch: int) -> None:
+        """Everything that depends on the schedule's length."""
+        self.total = max(1, total_steps)
+        self.warmup = resolve_warmup(cfg, self.total, steps_per_epoch)
+        self.milestones = [int(round(f * self.total)) for f in cfg.milestones]
+        self.decay_steps = int(round(cfg.decay_fraction * self.total))  # wsd
 
     # ----- the LR as a function of the step -----------------------------------------------------------------
 
@@ -221,3 +247,24 @@ class Schedule:
         self.num_bad_evals = int(state["num_bad_evals"])
         self.cooldown_counter = int(state["cooldown_counter"])
         self.scale = float(state["scale"])
+
+
+def horizon_change(cfg, saved: Dict, schedule: Schedule, steps_per_epoch: int, step: int,
+                   base_lr: float) -> Optional[str]:
+    """On resume: when the run's length changed and that reshapes the LR curve from the resume step on (cosine,
+    linear, ...; not constant or step), say what the LR does at the resume step and how to keep the original curve."""
+    old_total = int(saved.get("total", schedule.total))
+    if old_total == schedule.total:
+        return None
+    old = copy.copy(schedule)
+    old._set_horizon(cfg, old_total, steps_per_epoch)
+    stride = max(1, (max(old_total, schedule.total) - step) // 100)
+    probe = range(step, max(old_total, schedule.total) + 1, stride)
+    if all(old.multiplier(t) == schedule.multiplier(t) for t in probe):
+        return None
+    before, after = base_lr * old.multiplier(step), base_lr * schedule.multiplier(step)
+    jump = " (it jumps back up)" if after > before else " (it drops)" if after < before else ""
+    return (f"the schedule's horizon changes from {old_total} to {schedule.total} optimizer steps, so the {cfg.name} "
+            f"curve is re-stretched: the LR at the resume step {step} goes from {before:.4g} (the original curve) to "
+            f"{after:.4g}{jump}; to keep the original curve, resume with schedule.total_steps={old_total} (steps past "
+            "it run at its end LR)")

@@ -15,12 +15,15 @@ import torch
 
 from trainrun.errors import DataError
 
+MAX_CLASSES = 100_000  # more is a label bug (a label of 10**9 asks for a 10**9-way head), not a classification task
+
 
 @dataclass
 class TensorSet:
     x: torch.Tensor  # float32 [N, C, H, W]
     y: torch.Tensor  # int64 [N]
     difficulty: Optional[torch.Tensor] = None  # per-sample difficulty provided by the data (curriculum=key)
+    augment: Optional[Callable] = None  # augment(x batch, per-sample seeds) -> x batch (training split only)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -37,7 +40,13 @@ class FileSet:
         return len(self.indices)
 
     def load(self, i: int, sample_seed: int) -> Tuple[torch.Tensor, int]:
-        img, _ = self.base[self.indices[i]]
+        try:
+            img, _ = self.base[self.indices[i]]
+        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for a truncated or corrupt file
+            samples = getattr(self.base, "samples", None)
+            what = samples[self.indices[i]][0] if samples else f"sample {self.indices[i]}"
+            raise DataError(f"cannot decode image {what} ({_first_line(e)}); remove or replace the file "
+                            "(checkpoints written so far are intact: resume= continues once it is fixed)") from e
         g = torch.Generator().manual_seed(sample_seed)
         return self.transform(img, g), int(self.y[i])
 
@@ -50,6 +59,11 @@ class Split:
     input_shape: Tuple[int, int, int]
     fingerprint: str  # sha256 over the data and the split
     description: str
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _hash_tensors(*ts: torch.Tensor) -> str:
@@ -74,8 +88,32 @@ def _standardize(train_x: torch.Tensor, val_x: torch.Tensor) -> Tuple[torch.Tens
     return (train_x - mean) / std, (val_x - mean) / std
 
 
+def _tensor_augment(shape: Tuple[int, int, int], flip: bool) -> Callable:
+    """data.augment on in-memory images: a random crop of the image padded by size // 8 (at least 1) with its edge
+    pixels and, where `flip`, a horizontal flip with probability 1/2 (torchvision.transforms.v2). Sample k draws only
+    from a generator seeded with seeds[k], as image files do, so batches are a pure function of (seed, epoch, index)."""
+    import torchvision.transforms.v2.functional as F
+
+    _, h, w = shape
+    pad = max(1, min(h, w) // 8)
+
+    def augment(x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        padded = F.pad(x, [pad, pad, pad, pad], padding_mode="edge")
+        out = torch.empty_like(x)
+        for k, s in enumerate(seeds):
+            g = torch.Generator().manual_seed(s)
+            i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
+            crop = padded[k, :, i:i + h, j:j + w]
+            out[k] = F.horizontal_flip(crop) if flip and bool(torch.rand(1, generator=g) < 0.5) else crop
+        return out
+
+    augment.description = f"augment: random crop (edge pad {pad})" + (" + horizontal flip" if flip else "")
+    return augment
+
+
 def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize: bool = True,
-                  difficulty: Optional[torch.Tensor] = None) -> Split:
+                  difficulty: Optional[torch.Tensor] = None, flip: bool = True) -> Split:
+    """`flip`: whether data.augment may flip images horizontally (not for digits: a mirrored digit is another glyph)."""
     check_tensor_data(name, x, y)
     if difficulty is not None and (difficulty.ndim != 1 or len(difficulty) != len(y)):
         raise DataError(f"{name}: 'difficulty' has shape {tuple(difficulty.shape)}; it needs one value per sample")
@@ -83,11 +121,13 @@ def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize:
     xtr, xva = x[tr], x[va]
     if standardize:
         xtr, xva = _standardize(xtr, xva)
-    train = TensorSet(xtr.contiguous(), y[tr], None if difficulty is None else difficulty[tr].float())
+    augment = _tensor_augment(tuple(x.shape[1:]), flip) if cfg.augment else None
+    train = TensorSet(xtr.contiguous(), y[tr], None if difficulty is None else difficulty[tr].float(), augment)
     val = TensorSet(xva.contiguous(), y[va])
     num_classes = int(y.max()) + 1
     return Split(train, val, num_classes, tuple(x.shape[1:]), _hash_tensors(x, y, tr, va),
-                 f"{name}: {len(train)} train / {len(val)} val, {num_classes} classes, input {tuple(x.shape[1:])}")
+                 f"{name}: {len(train)} train / {len(val)} val, {num_classes} classes, input {tuple(x.shape[1:])}"
+                 + (f", {augment.description}" if augment else ""))
 
 
 def check_tensor_data(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -97,6 +137,9 @@ def check_tensor_data(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         raise DataError(f"{name}: {len(x)} inputs but labels of shape {tuple(y.shape)}; need one label per input")
     if not torch.is_floating_point(x):
         raise DataError(f"{name}: inputs must be floating point, got {x.dtype}")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{name}: inputs of shape {tuple(x.shape)} have a zero-size dimension; every sample needs "
+                        "C, H, W > 0 (a model would see no input and learn nothing)")
     bad = (~torch.isfinite(x)).flatten(1).any(1)
     if bad.any():
         idx = bad.nonzero().flatten()[:5].tolist()
@@ -130,7 +173,7 @@ def load_digits_set(cfg) -> Split:
     images, target = _digits_arrays()
     x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(target, dtype=torch.int64)
-    return _tensor_split("digits", x, y, cfg)
+    return _tensor_split("digits", x, y, cfg, flip=False)
 
 
 def load_mnist5k_set(cfg) -> Split:
@@ -141,7 +184,7 @@ def load_mnist5k_set(cfg) -> Split:
     xs, ys = mnist_data()
     x = torch.tensor(xs, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     y = torch.tensor(ys, dtype=torch.int64)
-    return _tensor_split("mnist5k", x, y, cfg)
+    return _tensor_split("mnist5k", x, y, cfg, flip=False)
 
 
 def load_synthetic_set(cfg) -> Split:
@@ -169,6 +212,9 @@ def load_tensor_file_set(cfg) -> Split:
     if torch.is_floating_point(y):
         raise DataError(f"{name}: labels must be integer class indices, got {y.dtype}; convert with y.long() "
                         "after checking they are whole numbers")
+    if y.is_complex():
+        raise DataError(f"{name}: labels must be integer class indices, got {y.dtype} (casting would drop the "
+                        "imaginary part); store 'y' as int64 class indices")
     difficulty = obj.get("difficulty")
     return _tensor_split(name, x.float() if torch.is_floating_point(x) else x, y.long(), cfg, standardize=False,
                          difficulty=difficulty)
@@ -231,6 +277,21 @@ def _folder_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
+def _verify_images(samples) -> None:
+    """Open every image's header and run PIL's `verify()` (structure and checksums, no decoding): a text file named
+    .png or a corrupt PNG is refused before training. A truncated JPEG passes this cheap check; its decode failure
+    mid-run is reported by `FileSet.load`."""
+    from PIL import Image
+
+    for path, _ in samples:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001  (PIL raises several unrelated types for bad files)
+            raise DataError(f"data=imagefolder: {path} is not a readable image ({_first_line(e)}); remove or "
+                            "replace the file") from e
+
+
 def load_imagefolder_set(cfg) -> Split:
     import torchvision
 
@@ -252,6 +313,8 @@ def load_imagefolder_set(cfg) -> Split:
             tr_idx, va_idx = (t.tolist() for t in _random_split(len(tr_base), cfg.val_fraction, cfg.split_seed))
     except FileNotFoundError as e:
         raise DataError(f"data=imagefolder: {e}") from e
+    for base in {id(tr_base): tr_base, id(va_base): va_base}.values():
+        _verify_images(base.samples)
     train = FileSet(tr_base, tr_idx, _image_transform(size, cfg.augment, mean, std, False), tr_base.targets)
     val = FileSet(va_base, va_idx, _image_transform(size, False, mean, std, False), va_base.targets)
     k = len(tr_base.classes)
@@ -273,7 +336,7 @@ def limit(ds, n: Optional[int]):
     if n is None or n >= len(ds):
         return ds
     if isinstance(ds, TensorSet):
-        return TensorSet(ds.x[:n], ds.y[:n], None if ds.difficulty is None else ds.difficulty[:n])
+        return TensorSet(ds.x[:n], ds.y[:n], None if ds.difficulty is None else ds.difficulty[:n], ds.augment)
     return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets)
 
 
@@ -293,4 +356,11 @@ def build_split(cfg) -> Split:
             raise DataError(f"labels out of range: {cfg.name} has labels up to {seen - 1} but data.num_classes="
                             f"{cfg.num_classes}; raise data.num_classes to >= {seen} or fix the labels")
         split.num_classes = cfg.num_classes
+    if split.num_classes < 2:
+        raise DataError(f"data={cfg.name}: the data holds a single class; a classifier needs at least 2 (with one, "
+                        "the loss is always 0): add samples of another class or check data.root")
+    if split.num_classes > MAX_CLASSES:
+        raise DataError(f"data={cfg.name}: the largest label is {seen - 1:,}, which asks for a {split.num_classes:,}"
+                        f"-way classifier; more than {MAX_CLASSES:,} classes is refused: labels must be class indices "
+                        "0..K-1")
     return split

@@ -2,8 +2,9 @@
 
 Epoch e visits the training set in the order `randperm(n, seed(seed, e))`, so the data order
 is a pure function of (seed, epoch) and a run can restart at any batch of any epoch.
-Image-file augmentations draw from a generator seeded by (seed, epoch, sample index), so the
-same sample gets the same augmentation whatever the worker count or resume point.
+Augmentations (image files, and in-memory tensor sets with data.augment) draw from a generator seeded
+by (seed, epoch, sample index), so the same sample gets the same augmentation whatever the worker count
+or resume point.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainrun.data.datasets import FileSet, TensorSet
+from trainrun.errors import DataError
 from trainrun.seed import data_order_generator
 
 
@@ -97,7 +99,10 @@ class BatchStream:
         batches = self.batch_indices(epoch, start)
         if isinstance(self.ds, TensorSet):
             for idx in batches:
-                yield self.ds.x[idx], self.ds.y[idx], idx
+                x = self.ds.x[idx]
+                if self.ds.augment is not None:
+                    x = self.ds.augment(x, [sample_seed(self.seed, epoch, int(i)) for i in idx])
+                yield x, self.ds.y[idx], idx
             return
         keyed = [[(int(i), sample_seed(self.seed, epoch, int(i))) for i in idx] for idx in batches]
         if self.persistent_workers:
@@ -113,5 +118,8 @@ class BatchStream:
             loader = DataLoader(_FileBatches(self.ds), batch_sampler=keyed, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                                 generator=_private_generator())
-        for idx, (x, y) in zip(batches, loader):
-            yield x, y, idx
+        try:
+            for idx, (x, y) in zip(batches, loader):
+                yield x, y, idx
+        except DataError as e:  # from a worker, the message carries the worker's traceback: keep its last line
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None

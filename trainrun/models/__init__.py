@@ -1,10 +1,13 @@
 """Model registry: name -> factory(model_cfg, input_shape, num_classes, dropout) -> nn.Module."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+import itertools
+from pathlib import Path
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch.nn as nn
 
+from trainrun.errors import ConfigError
 from trainrun.models.resnet import resnet18, resnet50
 from trainrun.models.small import cnn, mlp
 from trainrun.models.vit import vit
@@ -24,3 +27,89 @@ def build_model(cfg, input_shape: Tuple[int, int, int], num_classes: int, dropou
 
 def describe_models() -> Dict[str, str]:
     return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in MODELS.items()}
+
+
+def model_options(option_dir: Path) -> Dict[str, str]:
+    """What `model=NAME` accepts, i.e. the option files in configs/model/ -> what each builds: its registry model's
+    description, then the option file's own header comment (vit_tiny: the ViT factory at ViT-Tiny sizes)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for path in sorted(Path(option_dir).glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        header = " ".join(l.lstrip("#").strip() for l in itertools.takewhile(lambda l: l.startswith("#"), lines))
+        factory = MODELS.get(OmegaConf.load(path).get("name"))
+        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory is not None else ""
+        out[path.stem] = " ".join(part for part in (doc, header) if part)
+    return out
+
+
+def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_classes: int) -> None:
+    """Run the built model once on one all-zero sample (eval mode, no grad: no RNG drawn, no BatchNorm statistics
+    changed) and check its output is [1, num_classes], so a model that cannot take this input fails in one line
+    before any training instead of a traceback at the first step."""
+    import torch
+
+    shape = list(input_shape)
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ConfigError(f"model.name={name}: parameter {empty[0]} has zero size on inputs of shape {shape}: a "
+                          "zero-width layer passes nothing on; give every layer and the input a positive size")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape))
+    except Exception as e:  # noqa: BLE001  (any failure of the forward is the same finding)
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ConfigError(f"model.name={name} cannot run on inputs of shape {shape} ({type(e).__name__}: {last}); "
+                          "use larger inputs (data.image_size / data.input_shape) or a model that fits them "
+                          "(e.g. model=mlp)") from e
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model.name={name} on inputs of shape {shape} returns {got}, not [1, {num_classes}] "
+                          "(one logit per class); the model's head does not fit data.num_classes")
+
+
+def memory_bytes(device="cpu"):
+    """The memory a model on `device` can use at most: the GPU's, or the machine's RAM (the cgroup limit when lower);
+    None if unknown."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit)) if limit.isdigit() else total
+    except OSError:
+        pass
+    return total
+
+
+def check_model_size(cfg, input_shape: Sequence[int], num_classes: int, dropout: float = 0.0, device="cpu",
+                     what: str = "") -> int:
+    """Refuse, before anything is allocated, a model whose weights alone exceed the memory of `device`: it is built
+    on the meta device (no storage, no random numbers drawn) to count its parameters. Returns the count."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(cfg, tuple(input_shape), num_classes, dropout)
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = memory_bytes(device)
+    if available is not None and weight_bytes > available:
+        where = "GPU" if torch.device(device).type == "cuda" else "machine"
+        raise ConfigError(f"{what + ': ' if what else ''}model.name={cfg.name} with {num_classes:,} classes on inputs {list(input_shape)} "
+                          f"has {params:,} parameters, {weight_bytes / 2**30:,.1f} GiB of weights alone, more than "
+                          f"this {where}'s {available / 2**30:,.1f} GiB of memory; choose a smaller model or fewer "
+                          "classes (model.hidden_sizes / channels / width, data.num_classes)")
+    return params
