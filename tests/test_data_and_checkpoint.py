@@ -425,7 +425,8 @@ def test_sha256_file_matches_content(tmp_path):
     d, sha = ck.save(tmp_path, 1, _state(), {}, keep_last=2)
     actual = hashlib.sha256((d / ck.STATE).read_bytes()).hexdigest()
     assert _sha_file(d) == actual == sha
-    assert (d / ck.DIGEST).read_text() == f"{actual}  state.pt\n"  # sha256sum -c format
+    meta_sha = hashlib.sha256((d / ck.META).read_bytes()).hexdigest()
+    assert (d / ck.DIGEST).read_text() == f"{actual}  state.pt\n{meta_sha}  meta.json\n"  # sha256sum -c format
     assert json.loads((d / ck.META).read_text())["sha256"] == actual
 
 

@@ -28,20 +28,57 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * (t * t)
 
 
+def _teacher_model(meta, ckpt_dir: Path, spec: str):
+    """The teacher's recorded model config as a typed ModelConfig, its strings literal (never resolved)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from trainrun.config import ModelConfig
+    from trainrun.errors import CheckpointError
+    from trainrun.models import MODELS
+    from trainrun.resume import literal_config
+
+    resolved = meta.get("config", {}).get("resolved") if isinstance(meta.get("config"), dict) else None
+    model = resolved.get("model") if isinstance(resolved, dict) else None
+    try:
+        if not isinstance(model, dict):
+            raise CheckpointError("no config.resolved.model mapping")
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), literal_config(model))
+    except (CheckpointError, OmegaConfBaseException) as e:
+        raise ConfigError(f"distillation.teacher={spec}: the model config in {ckpt_dir}/{checkpoint.META} is not "
+                          f"usable ({str(e).splitlines()[0]}); point distillation.teacher at a trainrun run or "
+                          "checkpoint") from e
+    if cfg.name not in MODELS:
+        raise ConfigError(f"distillation.teacher={spec}: {ckpt_dir}/{checkpoint.META} records model {cfg.name!r}, "
+                          f"not one of {', '.join(MODELS)}; point distillation.teacher at a trainrun checkpoint")
+    return cfg
+
+
 def load_teacher(spec: str, input_shape, num_classes: int, weights: str, output_root: str) -> Tuple[nn.Module, Dict]:
-    """Build the teacher from a trainrun checkpoint (SHA256-verified, weights_only) and its recorded model config."""
-    from trainrun.models import build_model
+    """Build the teacher from a trainrun checkpoint (SHA256-verified, weights_only) and its recorded model config;
+    a model too large for this machine is refused from meta.json, before the state is read or anything built."""
+    from trainrun.models import build_model, check_model_size
 
     cands = checkpoint.candidates(spec, Path(output_root), key="distillation.teacher")
     ckpt_dir = cands[0]
+    model_cfg = _teacher_model(checkpoint.read_meta(ckpt_dir), ckpt_dir, spec)
+    try:
+        check_model_size(model_cfg, input_shape, num_classes, what=f"distillation.teacher={spec}")
+    except (RuntimeError, ValueError, TypeError) as e:  # sizes no trainrun config holds (negative widths, ...)
+        raise ConfigError(f"distillation.teacher={spec}: its recorded model config cannot be built "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); point "
+                          "distillation.teacher at a trainrun checkpoint") from e
     state, meta = checkpoint.load(ckpt_dir)
-    tcfg = meta["config"]["resolved"]
-    teacher = build_model(OmegaConf.create(tcfg["model"]), input_shape, num_classes, 0.0)
-    use_ema = weights == "ema" or (weights == "auto" and "ema" in state)
-    if weights == "ema" and "ema" not in state:
+    tcfg = {"model": OmegaConf.to_container(model_cfg)}
+    teacher = build_model(model_cfg, input_shape, num_classes, 0.0)
+    has_ema = isinstance(state, dict) and isinstance(state.get("ema"), dict)
+    use_ema = weights == "ema" or (weights == "auto" and has_ema)
+    if weights == "ema" and not has_ema:
         raise ConfigError(f"distillation.teacher_weights=ema but teacher checkpoint {ckpt_dir} has no EMA weights; "
                           "use teacher_weights=model")
-    sd = state["ema"]["module"] if use_ema else state["model"]
+    sd = (state["ema"].get("module") if use_ema else state.get("model")) if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ConfigError(f"distillation.teacher={spec}: {ckpt_dir}/{checkpoint.STATE} holds no mapping of weight "
+                          "tensors; point distillation.teacher at a trainrun checkpoint")
     try:
         teacher.load_state_dict(sd)
     except RuntimeError as e:
@@ -50,9 +87,10 @@ def load_teacher(spec: str, input_shape, num_classes: int, weights: str, output_
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    info = {"checkpoint": str(ckpt_dir), "sha256": meta["sha256"], "step": meta.get("step"),
+    fingerprint = meta.get("data", {}).get("fingerprint") if isinstance(meta.get("data"), dict) else None
+    info = {"checkpoint": str(ckpt_dir), "sha256": meta.get("sha256"), "step": meta.get("step"),
             "weights": "ema" if use_ema else "model", "model": tcfg["model"],
-            "data_fingerprint": meta.get("data", {}).get("fingerprint"),
+            "data_fingerprint": fingerprint if isinstance(fingerprint, str) else None,
             "recipe_overrides": meta.get("overrides")}
     return teacher, info
 
