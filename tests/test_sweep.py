@@ -35,14 +35,17 @@ def test_two_by_two_sweep_summary_groups_seeds(tmp_path):
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    p = run_cli(tmp_path, "-m", *COMMON, "optimizer.lr=0.01,-1,0.003", "sweep_name=bad", check=False)
+    # a job that fails while training (a bad config value is refused before the sweep starts: test_hardening_*)
+    p = run_cli(tmp_path, "-m", *COMMON, "doctor.inject_nan_layer=1", "doctor.inject_nan_step=0,3",
+                "optimizer.lr=0.01,0.003", "sweep_name=bad", check=False)
     assert p.returncode == 1
-    assert "1 sweep job(s) failed" in p.stderr
+    assert "2 sweep job(s) failed" in p.stderr
     d, s = _summary(tmp_path, "bad")
     status = {j["label"]: j for j in s["jobs"]}
-    assert status["optimizer.lr=-1"]["status"] == "failed"
-    assert "optimizer.lr=-1.0: must be > 0" in status["optimizer.lr=-1"]["error"]
-    assert status["optimizer.lr=0.01"]["status"] == status["optimizer.lr=0.003"]["status"] == "completed"
+    for lr in ("0.01", "0.003"):
+        failed = status[f"doctor.inject_nan_step=3 optimizer.lr={lr}"]
+        assert failed["status"] == "failed" and "non-finite loss (nan) at step 3" in failed["error"]
+        assert status[f"doctor.inject_nan_step=0 optimizer.lr={lr}"]["status"] == "completed"
 
 
 def test_rerunning_an_interrupted_sweep_skips_done_jobs_and_resumes_the_rest(tmp_path):

@@ -34,7 +34,8 @@ RECIPES_DIR = _asset_dir("recipes")
 
 
 def recipe_headers() -> Dict[str, str]:
-    """name -> the recipe's leading comment block (what it reproduces, what it reached)."""
+    """name -> the recipe's leading comment block (what it reproduces, what it reached), one paragraph per
+    item: an indented comment line continues the line above it, so the terminal can wrap the text itself."""
     out = {}
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         lines = []
@@ -42,7 +43,11 @@ def recipe_headers() -> Dict[str, str]:
             if not line.startswith("#"):
                 break
             text = line.lstrip("#").strip()
-            if text and not text.startswith("@package"):
+            if not text or text.startswith("@package"):
+                continue
+            if lines and line[1:].startswith("  "):
+                lines[-1] += " " + text
+            else:
                 lines.append(text)
         out[path.stem] = "\n".join(lines)
     return out
@@ -275,13 +280,24 @@ def _one_line(e: BaseException) -> str:
 
 
 def _sweep_jobs(overrides) -> list:
-    """The overrides of every job a `-m` sweep will launch, expanded as Hydra's basic sweeper does."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The overrides of every job a `-m` sweep will launch, expanded as Hydra's basic sweeper does; an interval
+    (optuna's search space) is represented by its two bounds."""
+    import itertools
+
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    return BasicSweeper.split_arguments(parser.parse_overrides(list(overrides)), None)[0]
+    values = []
+    for o in parser.parse_overrides(list(overrides)):
+        key = o.get_key_element()
+        if o.is_discrete_sweep():
+            values.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        elif o.is_sweep_override():
+            values.append([f"{key}={o.value().start}", f"{key}={o.value().end}"])
+        else:
+            values.append([f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*values)]
 
 
 def preflight(overrides, sweep: bool = False) -> None:
@@ -436,9 +452,9 @@ def list_recipes_main() -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="trainrun recipes (trainrun +recipe=NAME)", show_lines=True)
-    table.add_column("recipe", style="bold")
-    table.add_column("what it reproduces / measured here")
+    table = Table(title="trainrun recipes (trainrun +recipe=NAME)", show_lines=True, expand=True)
+    table.add_column("recipe", style="bold", no_wrap=True)
+    table.add_column("what it reproduces / measured here", ratio=1)
     for name, header in recipe_headers().items():
         table.add_row(name, escape(header))
     Console().print(table)
