@@ -187,3 +187,72 @@ def test_label_probe_statistics():
     assert at_chance.at_chance and at_chance.z == pytest.approx(0.57, abs=0.01)
     assert not signal.at_chance and signal.z == pytest.approx(4.06, abs=0.01)
     assert "one-sided p = 2.4e-05" in signal.p_text()
+
+
+# --- 35: output noise ------------------------------------------------------------------------------
+
+def test_config_tree_prints_the_selected_models_keys_and_no_empty_groups(cli):
+    p = cli("model=mlp", "model.channels=[8]", "model.hidden_sizes=[32]", "trainer.max_steps=1")
+    tree = p.stdout[p.stdout.index("config (non-default values)"):p.stdout.index("\ndata: ")]
+    assert "model: mlp" in tree and "hidden_sizes: [32]" in tree
+    assert "channels" not in tree  # a cnn key: the mlp does not read it
+    for group in ("regularization", "checkpoint", "lr_find", "doctor"):  # nothing set in them
+        assert group not in tree, tree
+    assert "trainer" in tree and "max_steps: 1" in tree
+
+
+@pytest.mark.parametrize("value, text", [(80.0, "80"), (12.52, "12.52"), (0.150417, "0.1504"), (2.29560, "2.2956"),
+                                         (0.0, "0"), (5e-4, "5.000e-04"), (326.4, "326"), (1.5e6, "1.500e+06"),
+                                         (7, "7"), (float("nan"), "nan")])
+def test_numbers_print_without_trailing_zeros(value, text):
+    from trainrun.logging import _fmt
+
+    assert _fmt(value) == text
+
+
+def test_the_huge_lr_diagnosis_prints_once(cli):
+    p = cli("+fault=huge_lr", "mode=overfit_batch", "doctor.overfit_steps=40", check=False)
+    assert p.returncode == 1
+    assert p.stdout.count("learning rate too high") == 1, p.stdout[-3000:]
+    assert "likely cause: the doctor's finding above" in p.stdout
+    assert "learning rate too high" in p.stderr.strip().splitlines()[-1]  # the one-line error still names it
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_progress_bar_keeps_step_count_and_eta_when_metrics_show(tmp_path, monkeypatch, width):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from conftest import structured
+    from trainrun import logging as tl
+    from trainrun.config import LoggerConfig
+
+    buf = io.StringIO()
+    monkeypatch.setattr(tl, "console", lambda: Console(file=buf, width=width, force_terminal=True, color_system=None))
+    logger = tl.RunLogger(structured(LoggerConfig, progress="bar", plots=False), tmp_path, 330, 0, {}, None)
+    logger.log(120, {"epoch": 5, "train/loss": 2.2367, "train/acc": 0.1719, "lr": 5e-4, "samples_per_s": 326.0,
+                     "grad_norm": 1.0986, "peak_mem_mb": 756.0, "loss_scale": 65536.0})
+    logger.progress.refresh()
+    logger.close()
+    last = [l for l in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue()).replace("\r", "\n").splitlines()
+            if "train" in l][-1]
+    assert "120/330" in last and re.search(r"eta (-:--:--|\d+:\d\d:\d\d) train/loss", last) and "train/loss 2.2367" in last, last
+    assert len(last) <= width
+
+
+def test_recipe_headers_are_paragraphs_that_rich_wraps():
+    import subprocess
+    import sys
+
+    from trainrun.cli import recipe_headers
+
+    headers = recipe_headers()
+    assert headers["digits_cnn"].splitlines()[0].endswith("15 epochs (330 steps).")  # 2 comment lines, 1 paragraph
+    assert len(headers["resnet50_bf16"].splitlines()) == 3  # Reproduces / Data / Measured here
+    for width in (80, 120):
+        out = subprocess.run([sys.executable, "-c", "from trainrun.cli import list_recipes_main; list_recipes_main()"],
+                             env={**__import__("os").environ, "COLUMNS": str(width)}, capture_output=True,
+                             text=True, check=True).stdout
+        assert {len(l) for l in out.splitlines()[1:] if l.strip()} == {width}  # every table row spans the width

@@ -630,7 +630,7 @@ def overfit_verdict(losses: List[float], grad_norms: List[float], target: float,
     if halted:
         causes.append(halted)
     causes += [m for m in findings.values() if m != halted]  # a halting finding is already the halt message
-    if not passed and not halted and losses:
+    if not passed and not halted and losses and "lr_too_high" not in findings:  # else the same diagnosis again
         spike = max(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else -1.0)
         if losses[spike] > 3 * first or last > 1.5 * first:
             causes.append(f"the loss jumped from {first:.3g} to {losses[spike]:.3g} at step {spike + 1} and ended at "
@@ -652,8 +652,9 @@ def overfit_verdict(losses: List[float], grad_norms: List[float], target: float,
             causes.append(f"the loss falls ({first:.3g} -> {last:.3g}) but not below {target:g} in {len(losses)} "
                           "steps: raise doctor.overfit_steps or optimizer.lr, or the model is too small / too "
                           "constrained to memorise one batch")
+    # `new_causes`: the ones the doctor has not already printed while the steps ran (each diagnosis prints once)
     return {"passed": passed, "steps": len(losses), "first_loss": first, "final_loss": last, "best_loss": best,
-            "target": target, "causes": causes}
+            "target": target, "causes": causes, "new_causes": [c for c in causes if c not in findings.values()]}
 
 
 def overfit_settings(cfg) -> List[str]:

@@ -73,18 +73,48 @@ def trim_metrics(run_dir: Path, step: int) -> None:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float) and abs(v) >= 100:
-        return f"{v:.0f}"
-    if isinstance(v, float):
-        return f"{v:.3e}" if (v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5)) else f"{v:.4f}"
-    return str(v)
+    """Floats the way :g reads: no trailing zeros (80, 12.52, 0.1504), 4 decimals at most below 100, none from
+    100, and 3-digit scientific notation below 1e-3 or from 1e5."""
+    if not isinstance(v, float) or v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.3e}"
+    text = f"{v:.0f}" if abs(v) >= 100 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+_BAR_WIDTH = 20
+
+
+def _progress(console: Console, total: int) -> Progress:
+    """The bar's fixed columns never wrap or shrink; the metrics column takes what is left (see `_fit_info`)."""
+    from rich.table import Column
+
+    def fixed():
+        return Column(no_wrap=True)
+
+    return Progress(TextColumn("[bold]train", table_column=fixed()), BarColumn(_BAR_WIDTH, table_column=fixed()),
+                    MofNCompleteColumn(table_column=fixed()), TimeElapsedColumn(table_column=fixed()),
+                    TextColumn("eta", table_column=fixed()), TimeRemainingColumn(table_column=fixed()),
+                    TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                    console=console, transient=False)
+
+
+def _fit_info(info: str, width: int, total: int) -> str:
+    """Cut the metrics text to the width the fixed columns leave, so the step count and ETA always show."""
+    fixed = len("train") + _BAR_WIDTH + 2 * len(str(total)) + 1 + 8 + len("eta") + 8 + 7  # 7 column gaps
+    room = width - fixed - 1
+    return info if len(info) <= room else info[:max(0, room - 1)] + "…"
 
 
 def config_tree(cfg, defaults) -> "Tree":
-    """A compact tree of the config: every group with its option name and the keys that differ from the schema."""
+    """A compact tree of the config: each group with its option name and the keys that differ from the schema;
+    groups with neither are left out, and `model` shows only the keys the selected model reads."""
     from omegaconf import OmegaConf
     from rich.markup import escape
     from rich.tree import Tree
+
+    from trainrun.models import MODELS
 
     tree = Tree("[bold]config[/] (non-default values)")
     for key in cfg:
@@ -92,6 +122,11 @@ def config_tree(cfg, defaults) -> "Tree":
         if OmegaConf.is_dict(node):
             changed = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
                        if k != "name" and (base is None or OmegaConf.to_container(base, resolve=True).get(k) != v)}
+            if key == "model":
+                used = getattr(MODELS.get(node.get("name")), "config_keys", None)
+                changed = {k: v for k, v in changed.items() if used is None or k in used}
+            if not changed and "name" not in node:
+                continue
             label = f"[bold]{key}[/]" + (f": {node.get('name')}" if "name" in node else "")
             branch = tree.add(label)
             for k, v in changed.items():
@@ -137,9 +172,7 @@ class RunLogger:
         self.mode = mode
         self.progress: Optional[Progress] = None
         if mode == "bar":
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), console=self.console, transient=False)
+            self.progress = _progress(self.console, total_steps)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()
 
@@ -155,7 +188,7 @@ class RunLogger:
             return
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch")
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(self.task, completed=step, info=_fit_info(info, self.console.width, self.total))
         else:
             self.console.print(f"step {step}/{self.total}  {info}")
 

@@ -87,12 +87,12 @@ def _overfit_batch(cfg: DictConfig, trainer: Trainer, doctor: Doctor, run_dir: P
         if verdict["passed"]:
             logger.print(f"[bold green]overfit_batch PASSED[/] in {verdict['steps']} steps: loss "
                          f"{verdict['first_loss']:.4g} -> {verdict['final_loss']:.4g}")
-            for cause in verdict["causes"]:  # findings worth knowing even when the batch was memorised
+            for cause in verdict["new_causes"]:  # findings worth knowing even when the batch was memorised
                 logger.print(f"  note: {cause}")
             return {"passed": True, "steps": verdict["steps"], "final_loss": verdict["final_loss"], "finished": True}
         logger.print(f"[bold red]overfit_batch FAILED[/] after {verdict['steps']} steps: loss "
                      f"{verdict['first_loss']:.4g} -> {verdict['final_loss']:.4g} (target < {d.overfit_loss:g})")
-        for cause in verdict["causes"]:
+        for cause in verdict["new_causes"] or (["the doctor's finding above"] if verdict["causes"] else []):
             logger.print(f"  likely cause: {cause}")
         raise TrainingHalted(f"overfit_batch failed: {verdict['causes'][0] if verdict['causes'] else 'see above'}")
     finally:

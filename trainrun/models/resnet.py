@@ -28,3 +28,6 @@ def resnet50(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     import torchvision
 
     return _adapt(torchvision.models.resnet50(num_classes=num_classes), cfg, input_shape, num_classes, dropout)
+
+
+resnet18.config_keys = resnet50.config_keys = ("small_input", "dropout")  # the model.* keys they read

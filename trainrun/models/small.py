@@ -46,3 +46,8 @@ def cnn(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(c_in, num_classes))
     return nn.Sequential(*layers)
+
+
+# the model.* keys each factory reads (dropout: every model); the config tree prints only the selected model's
+mlp.config_keys = ("hidden_sizes", "depth", "activation", "dropout")
+cnn.config_keys = ("channels", "activation", "dropout")

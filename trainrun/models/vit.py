@@ -26,6 +26,9 @@ def vit(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     return model
 
 
+vit.config_keys = ("patch_size", "width", "layers", "heads", "mlp_ratio", "dropout")  # the model.* keys it reads
+
+
 def mark_residual_projections(model: nn.Module) -> int:
     """Mark the two Linear layers that write into each block's residual stream (attention out_proj, the MLP's
     second Linear) for init=gpt2, and give the model its block count N (their std becomes 0.02 / sqrt(2 N))."""
