@@ -208,7 +208,7 @@ def test_second_ctrl_c_during_a_checkpoint_write_ends_in_one_line(tmp_path):
     p = _patched_cli(tmp_path, patch, "run_name=cc", "trainer.max_steps=8", "trainer.ckpt_every=2", *SMALL)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 130, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
-    assert lines == [f"trainrun: interrupted by a second Ctrl-C; resume={run} continues from its latest complete "
+    assert lines == [f"trainrun: interrupted by Ctrl-C; resume={run} continues from its latest complete "
                      "checkpoint"], p.stderr[-3000:]
     # the checkpoint being written is dropped whole; `latest` names the previous, complete one
     assert [c.name for c in ck.list_checkpoints(run)] == [ck.step_name(2)]
@@ -306,3 +306,14 @@ def test_full_disk_while_plotting_warns_in_one_line_and_the_run_stands(tmp_path)
         f"checkpoints are complete; free disk space, then draw them with trainrun-plots {run}"], p.stderr[-3000:]
     assert not list((run / "plots").glob(".*.tmp"))
     ck.load(ck.read_pointer(run, "latest"))
+
+
+def test_ctrl_c_before_training_ends_in_one_line(tmp_path):
+    # Ctrl-C while the data is being prepared (no stop flag yet: Python's own KeyboardInterrupt)
+    patch = ("import os, signal\nimport trainrun.runner as r\n_orig = r.build_split\n"
+             "def _build(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    return _orig(*a, **k)\n"
+             "r.build_split = _build\n")
+    p = _patched_cli(tmp_path, patch, "run_name=early", *SMALL)
+    assert p.returncode == 130, (p.stdout[-2000:], p.stderr[-3000:])
+    assert p.stderr.strip().splitlines() == [
+        f"trainrun: interrupted by Ctrl-C; {tmp_path / 'runs' / 'early'} has no checkpoint yet"], p.stderr[-3000:]

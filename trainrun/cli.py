@@ -419,6 +419,19 @@ def signal_exit_code(final) -> int:
     return 128 + int(signum) if signum and not final.get("finished") else 0
 
 
+def _interrupted() -> None:
+    from trainrun import checkpoint
+
+    run = _RUN_DIR[0] if _RUN_DIR else None
+    where = ""
+    if run is not None and checkpoint.list_checkpoints(run):
+        where = f"; resume={run} continues from its latest complete checkpoint"
+    elif run is not None:
+        where = f"; {run} has no checkpoint yet"
+    print(f"trainrun: interrupted by Ctrl-C{where}", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+
+
 def main() -> None:
     global _FIXED_NOW
     from trainrun import distributed
@@ -429,14 +442,12 @@ def main() -> None:
     if info.enabled:
         _FIXED_NOW = distributed.broadcast_object(_now())
     overrides, flags = split_args(args)
-    if not set(flags) - RUN_FLAGS:  # other flags print help/config or change the config source: Hydra handles them
-        preflight(overrides, sweep=bool({"-m", "--multirun"} & set(flags)))
     try:
+        if not set(flags) - RUN_FLAGS:  # other flags print help/config or change the config source: Hydra's
+            preflight(overrides, sweep=bool({"-m", "--multirun"} & set(flags)))
         hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
-    except KeyboardInterrupt:  # a second Ctrl-C: the checkpoint being written is dropped, `latest` stays complete
-        where = f"; resume={_RUN_DIR[0]} continues from its latest complete checkpoint" if _RUN_DIR else ""
-        print(f"trainrun: interrupted by a second Ctrl-C{where}", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGINT)
+    except KeyboardInterrupt:  # outside training, or a second one: a checkpoint being written is dropped whole
+        _interrupted()
     code = _SIGNAL_EXIT[0] if _SIGNAL_EXIT else 0
     if _FAILED_JOBS:
         print(f"trainrun: {len(_FAILED_JOBS)} sweep job(s) failed: {', '.join(_FAILED_JOBS)} "
