@@ -202,7 +202,7 @@ def test_config_tree_prints_the_selected_models_keys_and_no_empty_groups(cli):
 
 
 @pytest.mark.parametrize("value, text", [(80.0, "80"), (12.52, "12.52"), (0.150417, "0.1504"), (2.29560, "2.2956"),
-                                         (0.0, "0"), (5e-4, "5.000e-04"), (326.4, "326"), (1.5e6, "1.500e+06"),
+                                         (0.0, "0"), (5e-4, "5.000e-04"), (326.4, "326"), (1.5e6, "1500000"),
                                          (7, "7"), (float("nan"), "nan")])
 def test_numbers_print_without_trailing_zeros(value, text):
     from trainrun.logging import _fmt

@@ -74,10 +74,10 @@ def trim_metrics(run_dir: Path, step: int) -> None:
 
 def _fmt(v: Any) -> str:
     """Floats the way :g reads: no trailing zeros (80, 12.52, 0.1504), 4 decimals at most below 100, none from
-    100, and 3-digit scientific notation below 1e-3 or from 1e5."""
+    100, and 3-digit scientific notation below 1e-3."""
     if not isinstance(v, float) or v != v or v in (float("inf"), float("-inf")):
         return str(v)
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+    if v != 0 and abs(v) < 1e-3:
         return f"{v:.3e}"
     text = f"{v:.0f}" if abs(v) >= 100 else f"{v:.4f}".rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
