@@ -317,3 +317,21 @@ def test_ctrl_c_before_training_ends_in_one_line(tmp_path):
     assert p.returncode == 130, (p.stdout[-2000:], p.stderr[-3000:])
     assert p.stderr.strip().splitlines() == [
         f"trainrun: interrupted by Ctrl-C; {tmp_path / 'runs' / 'early'} has no checkpoint yet"], p.stderr[-3000:]
+
+
+def test_a_signal_ends_a_sweep_with_its_exit_code(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trainrun", "-m", "seed=0,1", "sweep_name=sw",
+                             "trainer.max_steps=100000", "trainer.ckpt_every=100000", *SMALL, "logger.log_every=1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep, deadline = tmp_path / "multirun" / "sw", time.time() + 120
+    while not list(sweep.glob("*seed=0*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.1)
+    job = next(sweep.glob("*seed=0*/metrics.jsonl")).parent
+    _wait_for_training(job, proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 138, (proc.returncode, out[-2000:], err[-3000:])
+    assert err.strip().splitlines() == [f"trainrun: sweep stopped by SIGUSR1 during job {job.name} (exit 138); re-run "
+                                        "the same command to continue"], err[-3000:]
+    assert not list(sweep.glob("*seed=1*"))
