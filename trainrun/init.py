@@ -43,9 +43,9 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Ten
     if cfg.name in ("constant", "zeros"):
         raise ConfigError(f"init.name={cfg.name!r}: {_SYMMETRY}")
     if cfg.name == "gpt2" and not any(getattr(m, "_residual_projection", False) for m in model.modules()):
-        raise ConfigError(f"init=gpt2 scales the residual projections of transformer blocks, and this model "
-                          f"({type(model).__name__}) has none; use it with model=vit_tiny, or choose another "
-                          "init (e.g. init=kaiming_normal)")
+        raise ConfigError("init=gpt2 scales the residual projections of transformer blocks, and this model has "
+                          "none (only model=vit_tiny marks them); use model=vit_tiny, or choose another init "
+                          "(e.g. init=kaiming_normal)")
     if cfg.name == "lsuv" and batch is None:
         raise ConfigError("init=lsuv needs an in-memory dataset batch to measure layer outputs (data=digits, "
                           "mnist5k, synthetic or tensors); choose another init (e.g. init=kaiming_normal) for "
