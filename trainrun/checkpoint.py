@@ -368,8 +368,9 @@ def digests(ckpt_dir: Path) -> Dict[str, str]:
             raise ValueError(f"no {STATE} line")
         return out
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable {DIGEST} ({type(e).__name__}: {e}); it is "
-                              "incomplete or was edited, resume from another") from e
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"bad line {str(e)[:80]!r}"
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable {DIGEST} ({why}); it is incomplete or was "
+                              "edited, resume from another") from e
 
 
 def verify(ckpt_dir: Path, name: str, data: bytes, manifest: Dict[str, str]) -> None:

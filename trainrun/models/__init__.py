@@ -108,8 +108,9 @@ def check_model_size(cfg, input_shape: Sequence[int], num_classes: int, dropout:
     available = memory_bytes(device)
     if available is not None and weight_bytes > available:
         where = "GPU" if torch.device(device).type == "cuda" else "machine"
-        raise ConfigError(f"{what + ': ' if what else ''}model.name={cfg.name} with {num_classes:,} classes on inputs {list(input_shape)} "
-                          f"has {params:,} parameters, {weight_bytes / 2**30:,.1f} GiB of weights alone, more than "
-                          f"this {where}'s {available / 2**30:,.1f} GiB of memory; choose a smaller model or fewer "
-                          "classes (model.hidden_sizes / channels / width, data.num_classes)")
+        raise ConfigError(f"{what + ': ' if what else ''}model.name={cfg.name} with {num_classes:,} classes on "
+                          f"inputs {list(input_shape)} has {params:,} parameters, {weight_bytes / 2**30:,.1f} GiB "
+                          f"of weights alone, more than this {where}'s {available / 2**30:,.1f} GiB of memory; "
+                          "choose a smaller model or fewer classes (model.hidden_sizes / channels / width, "
+                          "data.num_classes)")
     return params
