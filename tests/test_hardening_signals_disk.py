@@ -252,8 +252,20 @@ NO_CHECKPOINT = ("no checkpoint was written yet; free disk space or set output_r
                  "the command again")
 
 
+def test_full_disk_at_start_is_refused_before_anything_is_written(tmp_path, small_disk):
+    small_disk(0)
+    mnt = small_disk.mnt
+    line = _one_error_line(run_cli(tmp_path, *_disk_args(mnt, "start"), check=False))
+    assert line == (f"trainrun: error: output_root={mnt / 'runs'}: cannot write in {mnt} (disk full: no space left "
+                    "on device); free disk space or set output_root to a directory you can write"), line
+    # a sweep run from a full disk: the same, before Hydra writes its multirun.yaml
+    line = _one_error_line(run_cli(mnt, "-m", "seed=0,1", *SMALL, check=False))
+    assert line == (f"trainrun: error: the sweep directory multirun/: cannot write in {mnt} (disk full: no space "
+                    "left on device); free disk space or run the sweep from a writable directory"), line
+    assert sorted(f.name for f in mnt.iterdir()) == ["filler"]
+
+
 @pytest.mark.parametrize("free,name,written", [
-    (0, "lock", ".trainrun.lock"),       # the very first write of a run
     (4096, "config", "config.yaml"),     # room for the lock's record only
     (12288, "metrics", "metrics.jsonl"),  # metrics.jsonl fills its first page mid-run
 ])

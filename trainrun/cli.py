@@ -313,6 +313,7 @@ def preflight(overrides, sweep: bool = False) -> None:
             for i, job in enumerate(jobs):
                 _preflight_job(job, check_dir=not sweep)
         if sweep:
+            jobs = [job]  # a problem with the sweep directory is no job's
             _check_writable(Path(_sweep_dir(None)), "the sweep directory multirun/", "run the sweep from a writable "
                             "directory")
     except Exception as e:  # noqa: BLE001  (Hydra raises several unrelated types for bad overrides)
@@ -377,10 +378,15 @@ def _check_writable(target: Path, what: str, fix: str) -> None:
     if reason is None:
         try:
             fd, probe = tempfile.mkstemp(prefix=".trainrun-probe-", dir=where)
-            os.close(fd)
-            os.unlink(probe)
+            try:
+                os.write(fd, bytes(4096))  # a full disk refuses even one block
+            finally:
+                os.close(fd)
+                os.unlink(probe)
         except OSError as e:
             reason = "a read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e)).lower()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason, fix = f"disk full: {reason}", f"free disk space or {fix}"
     if reason is not None:
         raise ConfigError(f"{what}: cannot write in {where} ({reason}); {fix}")
 
