@@ -317,3 +317,16 @@ def test_refused_resume_does_not_append_to_the_run_log(cli):
     assert _snapshot(run, lock=False) == before
     cli("resume=runs/base", "optimizer.lr=0.002")
     assert "resume with a changed config: optimizer.lr" in (run / "trainrun.log").read_text()
+
+
+def test_under_torchrun_every_rank_uses_the_directory_rank0_claimed(tmp_path):
+    (tmp_path / "runs/2026-01-01_00-00-00").mkdir(parents=True)  # taken: rank 0 claims the -1 suffix
+    script = tmp_path / "fixed_now.py"
+    script.write_text("import trainrun.cli\ntrainrun.cli._FIXED_NOW = '2026-01-01_00-00-00'\ntrainrun.cli.main()\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "trainer.device=cpu", "trainer.max_steps=4", *MLP]
+    p = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert sorted(d.name for d in (tmp_path / "runs").iterdir()) == ["2026-01-01_00-00-00", "2026-01-01_00-00-00-1"]
+    run = tmp_path / "runs/2026-01-01_00-00-00-1"
+    assert ck.list_checkpoints(run)[-1].name == "step_000000004" and (run / "config.yaml").is_file()
