@@ -347,3 +347,14 @@ def test_a_signal_ends_a_sweep_with_its_exit_code(tmp_path):
     assert err.strip().splitlines() == [f"trainrun: sweep stopped by SIGUSR1 during job {job.name} (exit 138); re-run "
                                         "the same command to continue"], err[-3000:]
     assert not list(sweep.glob("*seed=1*"))
+
+
+def test_full_disk_in_a_sweep_job_stops_the_sweep_in_one_line(small_disk):
+    small_disk(128 * 1024)  # room for the sweep's files and the first job's logs, not its checkpoint
+    mnt = small_disk.mnt
+    p = run_cli(mnt, "-m", "seed=0,1", "sweep_name=full", "trainer.max_steps=4", *SMALL, check=False)
+    line = _one_error_line(p)
+    assert line.startswith("trainrun: error: sweep job ") and "seed=0" in line, line
+    assert "failed: disk full: no space left to write checkpoint" in line, line
+    assert line.endswith("the sweep stops here (re-running the same named sweep skips the jobs that completed)")
+    assert not list((mnt / "multirun" / "full").glob("*seed=1*"))

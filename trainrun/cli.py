@@ -213,25 +213,38 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
         cfg.resume = str(run_dir)  # an interrupted job of this sweep continues from its latest checkpoint
     if cfg.logger.group is None:
         cfg.logger.group = run_dir.parent.name  # wandb groups a sweep's runs under the sweep's name
-    (run_dir / "job_label.txt").write_text(" ".join(overrides) + "\n")
     t0 = time.perf_counter()
     try:
+        (run_dir / "job_label.txt").write_text(" ".join(overrides) + "\n")
         final = run(cfg, run_dir, overrides)
     except Exception as e:  # noqa: BLE001  (record any failure; the remaining jobs still run)
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, TrainrunError):
             line = f"{type(e).__name__}: {line}"
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+        try:
+            if not isinstance(e, TrainrunError):
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+            sweep.write_result(run_dir, status="failed", error=line, overrides=overrides,
+                               wall_time_s=round(time.perf_counter() - t0, 2))
+        except OSError:
+            pass  # the disk is full: said below, and the next jobs would fail the same way
+        if checkpoint._disk_full(e) or not (run_dir / sweep.RESULT_FILE).is_file():
+            _fail(f"sweep job {run_dir.name} failed: {line}; the sweep stops here (re-running the same named sweep "
+                  "skips the jobs that completed)")
         print(f"trainrun: error: sweep job {run_dir.name} failed: {line}", file=sys.stderr, flush=True)
-        sweep.write_result(run_dir, status="failed", error=line, overrides=overrides,
-                           wall_time_s=round(time.perf_counter() - t0, 2))
         _FAILED_JOBS.append(run_dir.name)
         return None
     monitor = cfg.checkpoint.monitor
     metrics = {k: v for k, v in final.items() if k.startswith(("val", "val_raw"))}
     best = final.get(f"best {monitor}")
-    sweep.write_result(run_dir, status="completed" if final.get("finished") else "interrupted", error=None, overrides=overrides, metrics=metrics, best=best,
-                       step=final.get("step"), seed=cfg.seed, wall_time_s=final.get("wall_time_s"))
+    try:
+        sweep.write_result(run_dir, status="completed" if final.get("finished") else "interrupted", error=None,
+                           overrides=overrides, metrics=metrics, best=best, step=final.get("step"), seed=cfg.seed,
+                           wall_time_s=final.get("wall_time_s"))
+    except OSError as e:  # a full disk after the job's last checkpoint
+        from trainrun.logging import write_failure
+
+        _fail(str(write_failure(run_dir / sweep.RESULT_FILE, e, run_dir)))
     code = signal_exit_code(final)
     if code:  # SIGTERM/SIGUSR1/Ctrl-C: end the sweep, resumable
         print(f"trainrun: sweep stopped by {signal.Signals(code - 128).name} during job {run_dir.name} (exit {code}); "
