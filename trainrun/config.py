@@ -312,7 +312,7 @@ def _check_required_keys(node: Any, schema: Any, prefix: str) -> None:
         if key not in node or OmegaConf.is_missing(node, key):
             default = OmegaConf.to_container(schema, resolve=False)[key]
             raise ConfigError(f"{prefix}{key} is missing (deleted with ~{prefix}{key}?) but every run needs it: "
-                              f"drop the ~{prefix}{key} override or set {prefix}{key}= a value (default: {default!r})")
+                              f"drop the ~{prefix}{key} override, or set {prefix}{key}={default} (its default)")
         if OmegaConf.get_type(schema, key) is not dict:
             _check_required_keys(node[key], schema[key], f"{prefix}{key}.")
 
