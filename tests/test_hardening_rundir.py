@@ -231,6 +231,12 @@ def test_run_name_must_be_one_folder_under_output_root(cli, name):
     assert list(cli.dir.iterdir()) == [] and not Path("/tmp/trainrun_abs_x").exists()
 
 
+def test_sweep_name_must_be_one_folder_under_multirun(cli):
+    line = _one_error_line(cli("-m", "sweep_name=../x", "seed=0,1", "trainer.max_steps=2", check=False))
+    assert "sweep_name='../x' must be one folder name under multirun/" in line, line
+    assert list(cli.dir.iterdir()) == [] and not (cli.dir.parent / "x").exists()
+
+
 def test_pointer_outside_its_run_is_ignored(tmp_path):
     for name in ("a", "b"):
         for step in (1, 2):

@@ -50,9 +50,10 @@ def check_name(key: str, value) -> None:
     elif text == LOCK_FILE:
         why = "the name is reserved"
     if why:
-        root = "multirun/" if key == "sweep_name" else "output_root"
+        root, where = ("multirun/", "") if key == "sweep_name" else \
+            ("output_root", " (set output_root to choose where runs go)")
         raise ConfigError(f"{key}={text!r} must be one folder name under {root} ({why}); use a plain name such as "
-                          f"{key}=exp1 (set output_root to choose where runs go)")
+                          f"{key}=exp1{where}")
 
 
 def claim(root: Path, name: str) -> Path:
