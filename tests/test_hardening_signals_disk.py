@@ -294,15 +294,23 @@ def test_full_disk_at_the_first_checkpoint_estimates_its_size(tmp_path, small_di
     actual = sum(f.stat().st_size for f in (run / "checkpoints" / ck.step_name(6)).iterdir()) / 2**20
     assert abs(need_mib - actual) <= 0.1 * actual, (need_mib, actual)
 
-    # resume on a full disk: trim_metrics cannot rewrite metrics.jsonl; nothing changes, no temporary file stays
+    # a killed run's tail of metrics past its checkpoint, and one free block: a resume's trim_metrics writes the
+    # kept rows, then cannot move the tail aside; nothing changes and no temporary file stays
+    with open(run / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps({"step": 7 + i, "train/loss": 1.0, "note": "x" * 200}) + "\n" for i in range(40))
     before = (run / "metrics.jsonl").read_bytes()
-    small_disk(0)
+    small_disk(4096)
     line = _one_error_line(run_cli(tmp_path, f"resume={run}", *_disk_args(small_disk.mnt, "ck")[2:], check=False))
     assert line == (f"trainrun: error: disk full: could not write {run / 'metrics.jsonl'} (No space left on device; "
                     f"0.0 MiB free); metrics.jsonl and the checkpoints are unchanged; free disk space, then continue "
                     f"with resume={run}"), line
     assert (run / "metrics.jsonl").read_bytes() == before
-    assert not (run / ".metrics.jsonl.tmp").exists()
+    assert not (run / ".metrics.jsonl.tmp").exists() and not (run / "metrics.discarded.jsonl").exists()
+    # and with no free block at all the resume is refused before it reads anything
+    small_disk(0)
+    line = _one_error_line(run_cli(tmp_path, f"resume={run}", *_disk_args(small_disk.mnt, "ck")[2:], check=False))
+    assert line == (f"trainrun: error: resume={run}: cannot write in {run} (disk full: no space left on device); "
+                    "free disk space or copy the run to a writable disk and resume it there"), line
 
 
 def test_full_disk_while_plotting_warns_in_one_line_and_the_run_stands(tmp_path):
