@@ -26,7 +26,7 @@ LONG = ["model=mlp", "trainer.max_steps=100000", "logger.progress=lines", "logge
 
 
 def _env():
-    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # the same threads as run_cli: results depend on the count
 
 
 def _patched(cwd: Path, prelude: str, *args: str, background: bool = False, log: Path = None):
@@ -105,6 +105,7 @@ import sys, time
 from pathlib import Path
 from trainrun import rundir
 rundir.lock(Path(sys.argv[1]), "run directory", "")
+rundir.record_holder(Path(sys.argv[1]))  # as an accepted run does
 print("locked", flush=True)
 time.sleep(600)
 """

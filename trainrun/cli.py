@@ -163,7 +163,7 @@ def _task(cfg: DictConfig):
     overrides = list(hc.overrides.task)
     try:
         _lock_run_dir(run_dir)
-    except OSError as e:  # the lock's PID record on a full disk: the first write of a run
+    except OSError as e:  # the run directory cannot be created (a full disk): nothing of the run exists yet
         from trainrun.logging import write_failure
 
         _fail(str(write_failure(run_dir / rundir.LOCK_FILE, e, run_dir)))

@@ -3,8 +3,9 @@
 - A name (`run_name`, `sweep_name`) is one folder under its root: no separators, `..` or `${...}` interpolations.
 - A run without `run_name` claims `output_root/<timestamp>` with an exclusive mkdir (`-1`, `-2`, ... on collision),
   so two runs started in the same second never share a directory.
-- One process writes a run directory (or a sweep directory) at a time: it holds `fcntl.flock` on `.trainrun.lock`
-  there, which records its PID and host. The kernel drops the lock when the holder dies, even by kill -9.
+- One process writes a run directory (or a sweep directory) at a time: it holds `fcntl.flock` on the directory
+  itself (taking it writes nothing); its PID and host go into `.trainrun.lock` once the run is accepted. The kernel
+  drops the lock when the holder dies, even by kill -9.
 - Hydra's job log (`trainrun.log`) is opened only once the run is accepted (`accept`), so a refused command
   (say a resume that does not fit) appends nothing to an existing run's log.
 """
@@ -80,9 +81,9 @@ def claim(root: Path, name: str) -> Path:
 _HELD: Dict[str, int] = {}  # resolved directory -> fd of its lock file, open (and locked) for the process's life
 
 
-def _holder(fd: int) -> str:
+def _holder(directory: Path) -> str:
     try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        info = json.loads((Path(directory) / LOCK_FILE).read_text() or "{}")
         return f"PID {info['pid']} on host {info['host']} (since {info.get('since', '?')})"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "a process that has not yet recorded its PID"
@@ -91,19 +92,20 @@ def _holder(fd: int) -> str:
 def lock(directory: Path, what: str, fix: str) -> None:
     """Hold an exclusive lock on `directory` until this process exits; ConfigError if another process holds it.
 
-    `what` names the directory in the message ("run directory"), `fix` says what to do instead."""
+    The lock is an flock on the directory itself, so taking it writes nothing: a command refused after this point
+    leaves an existing run byte-identical. The holder's PID and host go into LOCK_FILE only once its run is accepted
+    (`record_holder`). `what` names the directory in the message ("run directory"), `fix` says what to do instead."""
     directory = Path(directory)
     key = str(directory.resolve())
     if key in _HELD:
         return
     import fcntl
 
-    path = directory / LOCK_FILE
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError(f"cannot create the lock file {path} ({e.strerror or e}); make {directory} writable or "
+        raise ConfigError(f"cannot open {directory} to lock it ({e.strerror or e}); make it a writable directory or "
                           "set output_root to a writable directory") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,14 +114,20 @@ def lock(directory: Path, what: str, fix: str) -> None:
             logging.getLogger("trainrun").warning("no lock on %s (%s): nothing stops a second writer", directory, e)
             _HELD[key] = fd
             return
-        holder = _holder(fd)
         os.close(fd)
-        raise ConfigError(f"{what} {directory} is in use by another trainrun process: {holder}; {fix}") from None
+        raise ConfigError(f"{what} {directory} is in use by another trainrun process: {_holder(directory)}; "
+                          f"{fix}") from None
+    _HELD[key] = fd
+
+
+def record_holder(directory: Path) -> None:
+    """Write this process's PID, host and start time to LOCK_FILE (read by a refused second writer)."""
     since = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, record.encode(), 0)
-    _HELD[key] = fd
+    path = Path(directory) / LOCK_FILE
+    tmp = path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(record)
+    os.replace(tmp, path)
 
 
 class DeferredFileHandler(logging.FileHandler):
@@ -205,6 +213,7 @@ def accept(run_dir: Path, config_yaml: str, fresh: bool, main_process: bool) -> 
     if main_process:
         removed = start_over(run_dir) if fresh else []
         write_config(run_dir, config_yaml)
+        record_holder(run_dir)
     accept_logs()
     return removed
 
@@ -223,6 +232,7 @@ class SweepLock(Callback):
             try:
                 lock(Path(config.hydra.sweep.dir), "sweep directory", "wait for that sweep to finish (or stop it); "
                      "re-running the same command then skips its completed jobs")
+                record_holder(Path(config.hydra.sweep.dir))
             except ConfigError as e:
                 err = str(e)
         err = distributed.broadcast_object(err)
