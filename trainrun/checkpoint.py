@@ -495,3 +495,12 @@ def save_badstep(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str
     shutil.rmtree(scratch, ignore_errors=True)
     _fsync_dir(root)
     return dest
+
+
+def check(cfg) -> None:
+    """Range checks of the checkpoint section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "checkpoint")
+    checks.one_of("monitor_mode", ("max", "min"))
+    checks.positive("keep_last")

@@ -7,13 +7,13 @@ any data is loaded or any file is written.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
 
 
@@ -260,36 +260,27 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="trainrun_schema", node=TrainrunConfig)
 
 
+# Choices of the sections config.py checks itself; each component module checks its own section's names (models,
+# optimizers, schedules and datasets: the names registered in their registries).
 CHOICES = {
-    "optimizer.name": ("sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adafactor"),
-    "schedule.name": ("constant", "warmup_cosine", "warmup_linear", "step", "multistep", "exponential", "wsd",
-                      "onecycle", "polynomial", "plateau"),
-    "schedule.decay_type": ("linear", "cosine", "1-sqrt"),
-    "regularization.loss": ("ce", "focal"),
-    "curriculum.name": ("off", "loss", "confidence", "key", "self_paced"),
-    "curriculum.order": ("easy_first", "hard_first"),
-    "precision.name": ("fp32", "fp16", "bf16"),
     "init.name": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
                   "orthogonal", "trunc_normal", "lsuv", "gpt2", "constant", "zeros"),
-    "distillation.name": ("off", "response", "feature", "self"),
-    "distillation.teacher_weights": ("auto", "model", "ema"),
-    "data.name": ("digits", "mnist5k", "synthetic", "tensors", "cifar10", "imagefolder"),
-    "logger.name": ("console", "wandb"),
-    "logger.progress": ("auto", "bar", "lines", "off"),
-    "logger.mode": ("online", "offline", "disabled"),
-    "checkpoint.monitor_mode": ("max", "min"),
     "determinism": ("off", "warn", "error"),
     "mode": ("train", "eval", "init_report", "lr_find", "overfit_batch"),
-    "doctor.nan_guard": ("halt", "skip", "off"),
-    "doctor.fault": ("none", "permuted_labels", "no_zero_grad", "reduction_sum"),
     "trainer.parallel": ("ddp", "fsdp2"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune"),
-    "model.activation": ("relu", "gelu", "tanh", "silu"),
 }
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    return OmegaConf.select(cfg, dotted)
+def section_checks() -> Dict[str, Callable[[Any], None]]:
+    """section -> the range checks of the module that owns it (imported here: they import torch)."""
+    from trainrun import checkpoint, distill, doctor, logging, models, optim, precision, regularization, schedule
+    from trainrun.data import curriculum, datasets
+
+    return {"model": models.check, "optimizer": optim.check, "schedule": schedule.check,
+            "precision": precision.check, "regularization": regularization.check, "distillation": distill.check,
+            "data": datasets.check, "logger": logging.check, "curriculum": curriculum.check,
+            "checkpoint": checkpoint.check, "doctor": doctor.check}
 
 
 def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:
@@ -319,146 +310,46 @@ def _check_required_keys(node: Any, schema: Any, prefix: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError (one line: the key, the value, the fix) on the first bad value."""
-    from trainrun.models import MODELS
-
     schema = OmegaConf.structured(TrainrunConfig)
     _check_known_keys(cfg, schema, "")
     _check_required_keys(cfg, schema, "")
-
-    def fail(key: str, msg: str) -> None:
-        raise ConfigError(f"{key}={_get(cfg, key)!r}: {msg}")
-
-    for key, allowed in {**CHOICES, "model.name": tuple(sorted(MODELS))}.items():
-        if _get(cfg, key) not in allowed:
-            fail(key, f"must be one of {', '.join(allowed)}")
-
-    def positive(key: str, allow_zero: bool = False) -> None:
-        v = _get(cfg, key)
-        if v is None:
-            return
-        if isinstance(v, float) and not math.isfinite(v):
-            fail(key, "must be a finite number")
-        if v < 0 or (v == 0 and not allow_zero):
-            fail(key, "must be > 0" if not allow_zero else "must be >= 0")
-
-    for key in ("optimizer.lr", "optimizer.eps", "data.batch_size", "data.eval_batch_size",
-                "trainer.epochs", "trainer.accumulation_steps", "trainer.max_steps", "trainer.stop_at_step",
-                "optimizer.reference_batch_size", "logger.log_every", "checkpoint.keep_last",
-                "regularization.clip_grad_norm", "regularization.clip_grad_value",
-                "data.image_size", "data.num_samples", "data.num_classes", "precision.init_scale",
-                "precision.growth_interval", "data.limit_train", "data.limit_val", "init.lsuv_target_var",
-                "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "schedule.power", "schedule.div_factor",
-                "schedule.final_div_factor", "optimizer.alpha", "curriculum.self_paced_threshold",
-                "curriculum.self_paced_growth", "distillation.temperature", "model.patch_size", "model.width",
-                "model.layers", "model.heads", "model.mlp_ratio", "lr_find.start_lr", "lr_find.end_lr",
-                "lr_find.num_steps", "lr_find.diverge",
-                "doctor.max_consecutive_skips", "doctor.overfit_steps", "doctor.overfit_loss",
-                "doctor.min_loss_scale", "data.prefetch_factor", "trainer.threads", "schedule.total_steps"):
-        positive(key)
-    for key in ("optimizer.weight_decay", "optimizer.momentum", "schedule.warmup_steps",
-                "schedule.warmup_fraction", "schedule.warmup_epochs", "schedule.min_lr_ratio",
-                "schedule.step_size", "trainer.eval_every", "trainer.ckpt_every", "data.num_workers",
-                "schedule.patience", "schedule.cooldown", "schedule.threshold", "regularization.focal_gamma",
-                "regularization.mixup_alpha", "regularization.cutmix_alpha", "regularization.early_stopping_patience",
-                "regularization.early_stopping_min_delta", "model.depth", "curriculum.pace_epochs",
-                "distillation.feature_weight", "doctor.stats_every", "doctor.badstep_checkpoints",
-                "doctor.inject_nan_step"):
-        positive(key, allow_zero=True)
-
-    def unit(key: str, closed: bool = False) -> None:
-        v = _get(cfg, key)
-        if v is not None and not (0 <= v <= 1 if closed else 0 <= v < 1):
-            fail(key, "must be in [0, 1]" if closed else "must be in [0, 1)")
-
-    for key in ("regularization.label_smoothing", "data.val_fraction", "schedule.warmup_fraction",
-                "schedule.default_warmup_fraction",
-                "model.dropout", "regularization.dropout", "regularization.stochastic_depth",
-                "regularization.ema_decay", "schedule.factor", "curriculum.random_fraction"):
-        unit(key)
-    for key in ("schedule.decay_fraction", "schedule.pct_start", "regularization.mix_prob",
-                "regularization.switch_prob", "regularization.random_erasing", "curriculum.start_fraction"):
-        unit(key, closed=True)
+    for section, check in section_checks().items():
+        check(cfg[section])
+    checks = SectionChecks(cfg, "")
+    for key, allowed in CHOICES.items():
+        checks.one_of(key, allowed)
+    checks.positive("trainer.epochs", "trainer.accumulation_steps", "trainer.max_steps", "trainer.stop_at_step",
+                    "init.lsuv_target_var", "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "lr_find.start_lr",
+                    "lr_find.end_lr", "lr_find.num_steps", "lr_find.diverge", "trainer.threads")
+    checks.positive("trainer.eval_every", "trainer.ckpt_every", allow_zero=True)
+    checks.unit("lr_find.smooth")
     if cfg.init.name in ("constant", "zeros"):
-        fail("init.name", "a constant initialisation gives every unit of a layer the same output and the same "
-                          "gradient, so the units stay identical forever (the symmetry problem); use "
-                          "init=kaiming_normal for ReLU nets or init=xavier_uniform for tanh/linear ones")
-    weights = cfg.regularization.class_weights
-    if weights is not None and (not len(weights) or min(weights) < 0):
-        fail("regularization.class_weights", "must be one non-negative weight per class")
-    if weights is not None and cfg.regularization.balance_classes:
-        fail("regularization.balance_classes", "choose class_weights or balance_classes, not both")
-    unit("schedule.min_lr_ratio", closed=True)
-    unit("distillation.alpha", closed=True)
-    unit("lr_find.smooth")
+        checks.fail("init.name", "a constant initialisation gives every unit of a layer the same output and the same "
+                                 "gradient, so the units stay identical forever (the symmetry problem); use "
+                                 "init=kaiming_normal for ReLU nets or init=xavier_uniform for tanh/linear ones")
     if cfg.lr_find.end_lr <= cfg.lr_find.start_lr:
-        fail("lr_find.end_lr", f"must be larger than lr_find.start_lr={cfg.lr_find.start_lr}")
-    dist = cfg.distillation
-    if dist.name in ("response", "feature") and not dist.teacher:
-        fail("distillation.teacher", f"distillation={dist.name} needs a teacher: distillation.teacher=RUN_DIR "
-                                     "(a trainrun run or checkpoint directory)")
-    if dist.name == "self" and cfg.regularization.ema_decay <= 0:
-        fail("distillation.name", "self-distillation uses the student's EMA as teacher: set "
-                                  "regularization.ema_decay (e.g. 0.999)")
-    unit("optimizer.momentum", closed=True)
-    unit("schedule.gamma", closed=True)
-
-    betas = list(cfg.optimizer.betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        fail("optimizer.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-    if cfg.optimizer.nesterov and cfg.optimizer.name == "sgd" and cfg.optimizer.momentum == 0:
-        fail("optimizer.nesterov", "Nesterov needs optimizer.momentum > 0")
-    warmups = [k for k in ("warmup_steps", "warmup_fraction", "warmup_epochs") if cfg.schedule[k]]
-    if cfg.schedule.name == "onecycle" and warmups:
-        fail(f"schedule.{warmups[0]}", "schedule=onecycle has its own warmup (schedule.pct_start); set "
-                                       f"schedule.{warmups[0]}=0")
-    if len(warmups) > 1:
-        fail(f"schedule.{warmups[1]}", f"set only one of schedule.{warmups[0]} / schedule.{warmups[1]}")
-    if cfg.schedule.name == "step" and cfg.schedule.step_size <= 0:
-        fail("schedule.step_size", "schedule=step needs schedule.step_size > 0 (optimizer steps)")
-    ms = list(cfg.schedule.milestones)
-    if cfg.schedule.name == "multistep" and (not ms or ms != sorted(ms) or not all(0 < m < 1 for m in ms)):
-        fail("schedule.milestones", "multistep needs increasing fractions of the run in (0, 1), e.g. [0.3, 0.6, 0.9]")
-    if cfg.regularization.clip_grad_norm is not None and cfg.regularization.clip_grad_value is not None:
-        fail("regularization.clip_grad_value", "choose clip_grad_norm or clip_grad_value, not both")
-    shape = list(cfg.data.input_shape)
-    if len(shape) != 3 or min(shape) <= 0:
-        fail("data.input_shape", "must be [channels, height, width] with positive sizes")
+        checks.fail("lr_find.end_lr", f"must be larger than lr_find.start_lr={cfg.lr_find.start_lr}")
     if cfg.mode == "overfit_batch" and cfg.resume:
-        fail("resume", "mode=overfit_batch starts from a fresh model; drop resume=")
-    if cfg.doctor.inject_nan_step and not cfg.doctor.inject_nan_layer:
-        fail("doctor.inject_nan_layer", "doctor.inject_nan_step needs the module to poison, e.g. "
-                                        "doctor.inject_nan_layer=3 (see `trainrun mode=init_report` for names)")
-    dev = str(cfg.trainer.device)
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        fail("trainer.device", "must be auto, cpu, cuda or cuda:N")
-    _check_sizes_and_names(cfg, fail)
+        checks.fail("resume", "mode=overfit_batch starts from a fresh model; drop resume=")
+    device = str(cfg.trainer.device)
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        checks.fail("trainer.device", "must be auto, cpu, cuda or cuda:N")
+    _check_across_sections(cfg, checks)
 
 
-def _check_sizes_and_names(cfg: DictConfig, fail) -> None:
-    """Values that pass the type check but would crash or silently mislead later: seeds RNGs cannot take, class
-    counts no classifier can have, zero-width layers, a monitored metric that evaluation never logs."""
-    from trainrun.data.datasets import MAX_CLASSES
+def _check_across_sections(cfg: DictConfig, checks: SectionChecks) -> None:
+    """Rules that span sections, and values that pass the type check but would crash or silently mislead later:
+    seeds RNGs cannot take, a monitored metric that evaluation never logs."""
     from trainrun.loop import eval_metric_names
 
+    if cfg.distillation.name == "self" and cfg.regularization.ema_decay <= 0:
+        checks.fail("distillation.name", "self-distillation uses the student's EMA as teacher: set "
+                                         "regularization.ema_decay (e.g. 0.999)")
     if not 0 <= cfg.seed <= SEED_MAX:
-        fail("seed", "must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), e.g. seed=0")
-    k = cfg.data.num_classes
-    if k is not None and k < 2:
-        fail("data.num_classes", "a classifier needs at least 2 classes (with one, the loss is always 0 and "
-                                 "accuracy always 1); check the labels, or leave data.num_classes unset")
-    if k is not None and k > MAX_CLASSES:
-        fail("data.num_classes", f"more than {MAX_CLASSES:,} classes is refused (the classifier head alone would "
-                                 f"hold {k:,} x width weights); set the number of classes the labels really have")
-    for key in ("model.hidden_sizes", "model.channels"):
-        if any(v <= 0 for v in _get(cfg, key)):
-            fail(key, "every layer width must be > 0 (a zero-width layer passes nothing on, so the model "
-                      "cannot learn); drop the 0 or use a positive width")
+        checks.fail("seed", "must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), e.g. seed=0")
     names = eval_metric_names(cfg.regularization.ema_decay > 0)
     if cfg.checkpoint.monitor not in names:
-        fail("checkpoint.monitor", f"evaluation logs only {', '.join(names)}"
-                                   + ("" if cfg.regularization.ema_decay > 0 else
-                                      " (val_raw/* exists with regularization.ema_decay > 0)")
-                                   + "; the best checkpoint and early stopping would never see this metric")
-    if cfg.data.augment and cfg.data.name == "synthetic":
-        fail("data.augment", "data=synthetic is Gaussian class clusters with no image structure to crop or flip; "
-                             "drop data.augment=true")
+        checks.fail("checkpoint.monitor", f"evaluation logs only {', '.join(names)}"
+                                          + ("" if cfg.regularization.ema_decay > 0 else
+                                             " (val_raw/* exists with regularization.ema_decay > 0)")
+                                          + "; the best checkpoint and early stopping would never see this metric")

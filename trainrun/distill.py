@@ -171,3 +171,18 @@ class Distiller(nn.Module):
             parts["loss_hint"] = hint.detach()
         self._feats.clear()
         return total, parts
+
+
+def check(cfg) -> None:
+    """Range checks of the distillation section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "distillation")
+    checks.one_of("name", ("off", "response", "feature", "self"))
+    checks.one_of("teacher_weights", ("auto", "model", "ema"))
+    checks.positive("temperature")
+    checks.positive("feature_weight", allow_zero=True)
+    checks.unit("alpha", closed=True)
+    if cfg.name in ("response", "feature") and not cfg.teacher:
+        checks.fail("teacher", f"distillation={cfg.name} needs a teacher: distillation.teacher=RUN_DIR "
+                               "(a trainrun run or checkpoint directory)")

@@ -699,3 +699,17 @@ class SummedLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(logits, target) * logits.shape[0]
+
+
+def check(cfg) -> None:
+    """Range checks of the doctor section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "doctor")
+    checks.one_of("nan_guard", ("halt", "skip", "off"))
+    checks.one_of("fault", ("none", "permuted_labels", "no_zero_grad", "reduction_sum"))
+    checks.positive("max_consecutive_skips", "overfit_steps", "overfit_loss", "min_loss_scale")
+    checks.positive("stats_every", "badstep_checkpoints", "inject_nan_step", allow_zero=True)
+    if cfg.inject_nan_step and not cfg.inject_nan_layer:
+        checks.fail("inject_nan_layer", "doctor.inject_nan_step needs the module to poison, e.g. "
+                                        "doctor.inject_nan_layer=3 (see `trainrun mode=init_report` for names)")

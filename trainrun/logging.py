@@ -123,7 +123,8 @@ def config_tree(cfg, defaults) -> "Tree":
             changed = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
                        if k != "name" and (base is None or OmegaConf.to_container(base, resolve=True).get(k) != v)}
             if key == "model":
-                used = getattr(MODELS.get(node.get("name")), "config_keys", None)
+                factory = MODELS.get(node.get("name")) if node.get("name") in MODELS else None
+                used = getattr(factory, "config_keys", None)
                 changed = {k: v for k, v in changed.items() if used is None or k in used}
             if not changed and "name" not in node:
                 continue
@@ -238,3 +239,14 @@ class RunLogger:
                 except Exception as e:  # never mask the run's own error with a logging one
                     self.console.print(f"[yellow]warning:[/] wandb.finish failed: {e}")
             sys.stdout.flush()
+
+
+def check(cfg) -> None:
+    """Range checks of the logger section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "logger")
+    checks.one_of("name", ("console", "wandb"))
+    checks.one_of("progress", ("auto", "bar", "lines", "off"))
+    checks.one_of("mode", ("online", "offline", "disabled"))
+    checks.positive("log_every")

@@ -13,16 +13,69 @@ from __future__ import annotations
 
 import math
 from fnmatch import fnmatchcase
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
+from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
+from trainrun.registry import Registry
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "nadam", "radam", "adafactor")
+
+@dataclass(frozen=True)
+class OptimizerFactory:
+    """`torch_class(param_groups, lr=..., **hyperparameters(optimizer_cfg))` builds the optimizer; `apply_hparams`
+    writes the same hyperparameters into every group again after a checkpoint's state is loaded, so a resume may
+    change them."""
+    torch_class: Callable[..., torch.optim.Optimizer]
+    hyperparameters: Callable[[Any], Dict[str, Any]]
+
+
+OPTIMIZERS = Registry("optimizer.name")
+
+
+def register_optimizer(name: str, torch_class, hyperparameters, doc: str = "") -> None:
+    """`optimizer.name=NAME` then builds `torch_class`; `hyperparameters(optimizer_cfg)` -> its keyword arguments."""
+    OPTIMIZERS.register(name, OptimizerFactory(torch_class, hyperparameters), doc=doc)
+
+
+def _betas_eps(cfg) -> Dict[str, Any]:
+    return {"betas": tuple(cfg.betas), "eps": cfg.eps}
+
+
+def _decoupled(cfg) -> Dict[str, Any]:
+    return {**_betas_eps(cfg), "decoupled_weight_decay": bool(cfg.decoupled_weight_decay)}
+
+
+register_optimizer("sgd", torch.optim.SGD, lambda cfg: {"momentum": cfg.momentum, "nesterov": cfg.nesterov},
+                   "SGD with (Nesterov) momentum")
+register_optimizer("adam", torch.optim.Adam, _betas_eps, "Adam")
+register_optimizer("adamw", torch.optim.AdamW, _betas_eps, "AdamW (decoupled weight decay)")
+register_optimizer("rmsprop", torch.optim.RMSprop,
+                   lambda cfg: {"alpha": cfg.alpha, "momentum": cfg.momentum, "eps": cfg.eps}, "RMSprop")
+register_optimizer("adagrad", torch.optim.Adagrad, lambda cfg: {"eps": cfg.eps}, "Adagrad")
+register_optimizer("nadam", torch.optim.NAdam, _decoupled, "NAdam (Nesterov Adam)")
+register_optimizer("radam", torch.optim.RAdam, _decoupled, "RAdam (rectified Adam)")
+# adafactor: lr and weight_decay only; beta2_decay, eps=(None, 1e-3) and d stay torch's defaults
+register_optimizer("adafactor", torch.optim.Adafactor, lambda cfg: {}, "Adafactor (factored second moments)")
+
+
+def check(cfg) -> None:
+    """Range checks of the optimizer section."""
+    checks = SectionChecks(cfg, "optimizer")
+    checks.one_of("name", OPTIMIZERS.names())
+    checks.positive("lr", "eps", "reference_batch_size", "alpha")
+    checks.positive("weight_decay", "momentum", allow_zero=True)
+    checks.unit("momentum", closed=True)
+    betas = list(cfg.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        checks.fail("betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if cfg.nesterov and cfg.name == "sgd" and cfg.momentum == 0:
+        checks.fail("nesterov", "Nesterov needs optimizer.momentum > 0")
 
 
 def no_decay_names(model: nn.Module) -> set:
@@ -104,44 +157,13 @@ def apply_hparams(optimizer: torch.optim.Optimizer, cfg, global_batch: int) -> N
         g["base_lr"] = lr * mult
         g["lr"] = lr * mult
         g["weight_decay"] = cfg.weight_decay if g.get("decay", True) else 0.0
-        if cfg.name == "sgd":
-            g["momentum"], g["nesterov"] = cfg.momentum, cfg.nesterov
-        elif cfg.name in ("adam", "adamw"):
-            g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
-        elif cfg.name in ("nadam", "radam"):
-            g["betas"], g["eps"] = tuple(cfg.betas), cfg.eps
-            g["decoupled_weight_decay"] = bool(cfg.decoupled_weight_decay)
-        elif cfg.name == "rmsprop":
-            g["alpha"], g["momentum"], g["eps"] = cfg.alpha, cfg.momentum, cfg.eps
-        elif cfg.name == "adagrad":
-            g["eps"] = cfg.eps
-        # adafactor: lr and weight_decay only; beta2_decay, eps=(None, 1e-3) and d stay torch's defaults
+        g.update(OPTIMIZERS.get(cfg.name).hyperparameters(cfg))
 
 
 def build_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     lr = effective_lr(cfg, global_batch)
-    wd = cfg.weight_decay
-    betas = tuple(cfg.betas)
-    if cfg.name == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    elif cfg.name == "adam":
-        opt = torch.optim.Adam(groups, lr=lr, betas=betas, eps=cfg.eps)
-    elif cfg.name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps)
-    elif cfg.name == "rmsprop":
-        opt = torch.optim.RMSprop(groups, lr=lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum)
-    elif cfg.name == "adagrad":
-        opt = torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps)
-    elif cfg.name == "nadam":
-        opt = torch.optim.NAdam(groups, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd,
-                                decoupled_weight_decay=bool(cfg.decoupled_weight_decay))
-    elif cfg.name == "radam":
-        opt = torch.optim.RAdam(groups, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd,
-                                decoupled_weight_decay=bool(cfg.decoupled_weight_decay))
-    elif cfg.name == "adafactor":
-        opt = torch.optim.Adafactor(groups, lr=lr, weight_decay=wd)
-    else:
-        raise ConfigError(f"optimizer.name={cfg.name!r}: must be one of {', '.join(OPTIMIZERS)}")
+    factory = OPTIMIZERS.get(cfg.name)
+    opt = factory.torch_class(groups, lr=lr, **factory.hyperparameters(cfg))
     apply_hparams(opt, cfg, global_batch)
     return opt

@@ -85,3 +85,12 @@ class PrecisionPolicy:
     def load_state_dict(self, state) -> None:
         if state:
             self.scaler.load_state_dict(state)
+
+
+def check(cfg) -> None:
+    """Range checks of the precision section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "precision")
+    checks.one_of("name", ("fp32", "fp16", "bf16"))
+    checks.positive("init_scale", "growth_interval")

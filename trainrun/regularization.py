@@ -232,3 +232,23 @@ class EarlyStopping:
     def load_state_dict(self, state: Dict) -> None:
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
         self.best_weights = state["best_weights"]
+
+
+def check(cfg) -> None:
+    """Range checks of the regularization section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "regularization")
+    checks.one_of("loss", ("ce", "focal"))
+    checks.positive("clip_grad_norm", "clip_grad_value")
+    checks.positive("focal_gamma", "mixup_alpha", "cutmix_alpha", "early_stopping_patience",
+                    "early_stopping_min_delta", allow_zero=True)
+    checks.unit("label_smoothing", "dropout", "stochastic_depth", "ema_decay")
+    checks.unit("mix_prob", "switch_prob", "random_erasing", closed=True)
+    weights = cfg.class_weights
+    if weights is not None and (not len(weights) or min(weights) < 0):
+        checks.fail("class_weights", "must be one non-negative weight per class")
+    if weights is not None and cfg.balance_classes:
+        checks.fail("balance_classes", "choose class_weights or balance_classes, not both")
+    if cfg.clip_grad_norm is not None and cfg.clip_grad_value is not None:
+        checks.fail("clip_grad_value", "choose clip_grad_norm or clip_grad_value, not both")

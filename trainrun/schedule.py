@@ -38,11 +38,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
+from trainrun.registry import Registry
 
 log = logging.getLogger("trainrun")
 
@@ -111,31 +113,7 @@ class Schedule:
     # ----- the LR as a function of the step -----------------------------------------------------------------
 
     def multiplier(self, t: int) -> float:
-        if self.name == "onecycle":
-            return self._onecycle(t)
-        if self.name == "wsd":
-            return self._wsd(t)
-        if self.name == "plateau":
-            return (t / max(1, self.warmup) if t < self.warmup else 1.0) * self.scale
-        if t < self.warmup:
-            return t / max(1, self.warmup)
-        if self.name == "constant":
-            return 1.0
-        if self.name == "step":
-            return self.gamma ** (t // self.step_size)
-        if self.name == "multistep":
-            return self.gamma ** sum(1 for m in self.milestones if t >= m)
-        if self.name == "exponential":
-            return self.gamma ** t
-        if self.name == "polynomial":
-            return self._polynomial(t)
-        progress = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
-        if self.name == "warmup_cosine":
-            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.name == "warmup_linear":  # transformers' form, (T - t) / (T - W), is bitwise what LambdaLR sees
-            linear = max(0.0, float(self.total - t) / float(max(1, self.total - self.warmup)))
-            return self.min_ratio + (1 - self.min_ratio) * linear
-        raise ValueError(self.name)
+        return SCHEDULES.get(self.name)(self, t)
 
     def _polynomial(self, t: int) -> float:
         """transformers' lambda with lr_init = 1 and lr_end = min_lr_ratio.
@@ -247,6 +225,83 @@ class Schedule:
         self.num_bad_evals = int(state["num_bad_evals"])
         self.cooldown_counter = int(state["cooldown_counter"])
         self.scale = float(state["scale"])
+
+
+SCHEDULES = Registry("schedule.name")  # name -> multiplier(schedule, t): the LR factor of optimizer step t
+
+
+def after_linear_warmup(shape: Callable[[Schedule, int], float]) -> Callable[[Schedule, int], float]:
+    """The LR rises linearly from 0 over the warmup steps, then follows `shape`."""
+    def multiplier(schedule: Schedule, t: int) -> float:
+        if t < schedule.warmup:
+            return t / max(1, schedule.warmup)
+        return shape(schedule, t)
+    multiplier.__doc__ = shape.__doc__
+    return multiplier
+
+
+def _progress(schedule: Schedule, t: int) -> float:
+    return min(1.0, (t - schedule.warmup) / max(1, schedule.total - schedule.warmup))
+
+
+def _cosine(schedule: Schedule, t: int) -> float:
+    """cosine decay to optimizer.lr * min_lr_ratio"""
+    r = schedule.min_ratio
+    return r + (1 - r) * 0.5 * (1.0 + math.cos(math.pi * _progress(schedule, t)))
+
+
+def _linear(schedule: Schedule, t: int) -> float:
+    """linear decay to optimizer.lr * min_lr_ratio"""
+    # transformers' form, (T - t) / (T - W), is bitwise what LambdaLR sees
+    linear = max(0.0, float(schedule.total - t) / float(max(1, schedule.total - schedule.warmup)))
+    return schedule.min_ratio + (1 - schedule.min_ratio) * linear
+
+
+def _plateau(schedule: Schedule, t: int) -> float:
+    """the LR times factor whenever checkpoint.monitor stops improving (ReduceLROnPlateau)"""
+    return (t / max(1, schedule.warmup) if t < schedule.warmup else 1.0) * schedule.scale
+
+
+SCHEDULES.register("constant", after_linear_warmup(lambda schedule, t: 1.0), doc="constant LR after the warmup")
+SCHEDULES.register("warmup_cosine", after_linear_warmup(_cosine))
+SCHEDULES.register("warmup_linear", after_linear_warmup(_linear))
+SCHEDULES.register("step", after_linear_warmup(lambda schedule, t: schedule.gamma ** (t // schedule.step_size)),
+                   doc="the LR times gamma every step_size optimizer steps (StepLR)")
+SCHEDULES.register("multistep",
+                   after_linear_warmup(lambda schedule, t: schedule.gamma ** sum(1 for m in schedule.milestones
+                                                                                 if t >= m)),
+                   doc="the LR times gamma at each milestone fraction of the run (MultiStepLR)")
+SCHEDULES.register("exponential", after_linear_warmup(lambda schedule, t: schedule.gamma ** t),
+                   doc="the LR times gamma every optimizer step (ExponentialLR)")
+SCHEDULES.register("wsd", Schedule._wsd, doc="warmup, stable, then a decay over the last decay_fraction")
+SCHEDULES.register("onecycle", Schedule._onecycle, doc="one cycle up to the LR and down (OneCycleLR)")
+SCHEDULES.register("polynomial", after_linear_warmup(Schedule._polynomial),
+                   doc="polynomial decay (power) to optimizer.lr * min_lr_ratio")
+SCHEDULES.register("plateau", _plateau)
+
+
+def check(cfg) -> None:
+    """Range checks of the schedule section."""
+    checks = SectionChecks(cfg, "schedule")
+    checks.one_of("name", SCHEDULES.names())
+    checks.one_of("decay_type", ("linear", "cosine", "1-sqrt"))
+    checks.positive("power", "div_factor", "final_div_factor", "total_steps")
+    checks.positive("warmup_steps", "warmup_fraction", "warmup_epochs", "min_lr_ratio", "step_size", "patience",
+                    "cooldown", "threshold", allow_zero=True)
+    checks.unit("warmup_fraction", "default_warmup_fraction", "factor")
+    checks.unit("decay_fraction", "pct_start", "min_lr_ratio", "gamma", closed=True)
+    warmups = [key for key in WARMUP_KEYS if getattr(cfg, key)]
+    if cfg.name == "onecycle" and warmups:
+        checks.fail(warmups[0], "schedule=onecycle has its own warmup (schedule.pct_start); set "
+                                f"schedule.{warmups[0]}=0")
+    if len(warmups) > 1:
+        checks.fail(warmups[1], f"set only one of schedule.{warmups[0]} / schedule.{warmups[1]}")
+    if cfg.name == "step" and cfg.step_size <= 0:
+        checks.fail("step_size", "schedule=step needs schedule.step_size > 0 (optimizer steps)")
+    milestones = list(cfg.milestones)
+    if cfg.name == "multistep" and (not milestones or milestones != sorted(milestones)
+                                    or not all(0 < m < 1 for m in milestones)):
+        checks.fail("milestones", "multistep needs increasing fractions of the run in (0, 1), e.g. [0.3, 0.6, 0.9]")
 
 
 def horizon_change(cfg, saved: Dict, schedule: Schedule, steps_per_epoch: int, step: int,

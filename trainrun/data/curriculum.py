@@ -234,3 +234,16 @@ def score_samples(model, dataset, kind: str, precision, device, batch_size: int 
         for m, training in modes:
             m.training = training
     return out
+
+
+def check(cfg) -> None:
+    """Range checks of the curriculum section (the rules that span sections are in config.validate)."""
+    from trainrun.checks import SectionChecks
+
+    checks = SectionChecks(cfg, "curriculum")
+    checks.one_of("name", ("off", "loss", "confidence", "key", "self_paced"))
+    checks.one_of("order", ("easy_first", "hard_first"))
+    checks.positive("self_paced_threshold", "self_paced_growth")
+    checks.positive("pace_epochs", allow_zero=True)
+    checks.unit("random_fraction")
+    checks.unit("start_fraction", closed=True)

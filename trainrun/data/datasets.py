@@ -13,7 +13,9 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from trainrun.checks import SectionChecks
 from trainrun.errors import DataError
+from trainrun.registry import Registry
 
 MAX_CLASSES = 100_000  # more is a label bug (a label of 10**9 asks for a 10**9-way head), not a classification task
 
@@ -322,14 +324,36 @@ def load_imagefolder_set(cfg) -> Split:
                  f"imagefolder({root}): {len(train)} train / {len(val)} val, {k} classes")
 
 
-LOADERS = {
-    "digits": load_digits_set,
-    "mnist5k": load_mnist5k_set,
-    "synthetic": load_synthetic_set,
-    "tensors": load_tensor_file_set,
-    "cifar10": load_cifar10_set,
-    "imagefolder": load_imagefolder_set,
-}
+DATASETS = Registry("data.name")  # name -> loader(data_cfg) -> Split
+for _name, _loader in (("digits", load_digits_set), ("mnist5k", load_mnist5k_set), ("synthetic", load_synthetic_set),
+                       ("tensors", load_tensor_file_set), ("cifar10", load_cifar10_set),
+                       ("imagefolder", load_imagefolder_set)):
+    DATASETS.register(_name, _loader)
+LOADERS = DATASETS  # the name trainrun.data exports
+
+
+def check(cfg) -> None:
+    """Range checks of the data section."""
+    checks = SectionChecks(cfg, "data")
+    checks.one_of("name", DATASETS.names())
+    checks.positive("batch_size", "eval_batch_size", "image_size", "num_samples", "num_classes", "limit_train",
+                    "limit_val", "prefetch_factor")
+    checks.positive("num_workers", allow_zero=True)
+    checks.unit("val_fraction")
+    shape = list(cfg.input_shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        checks.fail("input_shape", "must be [channels, height, width] with positive sizes")
+    classes = cfg.num_classes
+    if classes is not None and classes < 2:
+        checks.fail("num_classes", "a classifier needs at least 2 classes (with one, the loss is always 0 and "
+                                   "accuracy always 1); check the labels, or leave data.num_classes unset")
+    if classes is not None and classes > MAX_CLASSES:
+        checks.fail("num_classes", f"more than {MAX_CLASSES:,} classes is refused (the classifier head alone would "
+                                   f"hold {classes:,} x width weights); set the number of classes the labels really "
+                                   "have")
+    if cfg.augment and cfg.name == "synthetic":
+        checks.fail("augment", "data=synthetic is Gaussian class clusters with no image structure to crop or flip; "
+                               "drop data.augment=true")
 
 
 def limit(ds, n: Optional[int]):
@@ -348,7 +372,7 @@ def sample_inputs(ds, n: int) -> torch.Tensor:
 
 
 def build_split(cfg) -> Split:
-    split = LOADERS[cfg.name](cfg)
+    split = DATASETS.get(cfg.name)(cfg)
     split.train, split.val = limit(split.train, cfg.limit_train), limit(split.val, cfg.limit_val)
     seen = max(int(split.train.y.max()), int(split.val.y.max())) + 1
     if cfg.num_classes is not None and cfg.name != "synthetic":

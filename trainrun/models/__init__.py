@@ -3,30 +3,42 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch.nn as nn
 
+from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
 from trainrun.models.resnet import resnet18, resnet50
 from trainrun.models.small import cnn, mlp
 from trainrun.models.vit import vit
+from trainrun.registry import Registry
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {
-    "mlp": mlp,
-    "cnn": cnn,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-    "vit": vit,
-}
+MODELS = Registry("model.name")  # name -> factory(model_cfg, input_shape, num_classes, dropout) -> nn.Module
+for _name, _factory in (("mlp", mlp), ("cnn", cnn), ("resnet18", resnet18), ("resnet50", resnet50), ("vit", vit)):
+    MODELS.register(_name, _factory)
 
 
 def build_model(cfg, input_shape: Tuple[int, int, int], num_classes: int, dropout: float) -> nn.Module:
-    return MODELS[cfg.name](cfg, tuple(input_shape), num_classes, dropout)
+    return MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes, dropout)
 
 
 def describe_models() -> Dict[str, str]:
-    return {name: (fn.__doc__ or "").strip().splitlines()[0] for name, fn in MODELS.items()}
+    return MODELS.describe()
+
+
+def check(cfg) -> None:
+    """Range checks of the model section."""
+    checks = SectionChecks(cfg, "model")
+    checks.one_of("name", sorted(MODELS))
+    checks.one_of("activation", ("relu", "gelu", "tanh", "silu"))
+    checks.positive("patch_size", "width", "layers", "heads", "mlp_ratio")
+    checks.positive("depth", allow_zero=True)
+    checks.unit("dropout")
+    for key in ("hidden_sizes", "channels"):
+        if any(width <= 0 for width in checks.value(key)):
+            checks.fail(key, "every layer width must be > 0 (a zero-width layer passes nothing on, so the model "
+                             "cannot learn); drop the 0 or use a positive width")
 
 
 def model_options(option_dir: Path) -> Dict[str, str]:
@@ -38,8 +50,8 @@ def model_options(option_dir: Path) -> Dict[str, str]:
     for path in sorted(Path(option_dir).glob("*.yaml")):
         lines = path.read_text().splitlines()
         header = " ".join(l.lstrip("#").strip() for l in itertools.takewhile(lambda l: l.startswith("#"), lines))
-        factory = MODELS.get(OmegaConf.load(path).get("name"))
-        doc = (factory.__doc__ or "").strip().splitlines()[0] if factory is not None else ""
+        name = OmegaConf.load(path).get("name")
+        doc = MODELS.describe()[name] if name in MODELS else ""
         out[path.stem] = " ".join(part for part in (doc, header) if part)
     return out
 
