@@ -1,6 +1,8 @@
 """The config schema: typed dataclasses registered in Hydra's ConfigStore.
 
-This is the only place defaults and types live. Hydra merges every YAML file of
+The root config is assembled here; a section whose module can be imported without torch keeps its dataclass and
+its range checks next to the code that uses it (ScheduleConfig in schedule.py, LoggerConfig in logging.py) and is
+re-exported from here. Every section's range checks are a `check()` in its module. Hydra merges every YAML file of
 `configs/` into these types, so a misspelt key or a wrong type fails at composition
 with the key's name. Ranges and cross-field rules are checked by `validate()` before
 any data is loaded or any file is written.
@@ -15,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
+from trainrun.logging import LoggerConfig
+from trainrun.schedule import ScheduleConfig
 
 
 @dataclass
@@ -62,33 +66,6 @@ class OptimizerConfig:
     lr_multipliers: Dict[str, float] = field(default_factory=dict)  # glob on parameter names -> LR factor
     scale_lr_with_batch: bool = False  # linear scaling rule: lr * global_batch / reference_batch_size
     reference_batch_size: int = 256
-
-
-@dataclass
-class ScheduleConfig:
-    # constant | warmup_cosine | warmup_linear | step | multistep | exponential | wsd | onecycle | polynomial | plateau
-    name: str = "constant"
-    # At most one of the three warmup_* may be non-zero. Unset (null), the option's default_warmup_fraction applies,
-    # so an explicit key (warmup_steps=10, warmup_fraction=0) always wins over the schedule option's own default.
-    warmup_steps: Optional[int] = None
-    warmup_fraction: Optional[float] = None  # of the total optimizer steps
-    warmup_epochs: Optional[float] = None
-    default_warmup_fraction: float = 0.0  # set by the schedule option (configs/schedule/*.yaml), not by users
-    total_steps: Optional[int] = None  # the schedule's horizon in optimizer steps; null: the run's length
-    min_lr_ratio: float = 0.0  # cosine/linear/wsd/polynomial end at lr * min_lr_ratio
-    step_size: int = 0  # step: multiply by gamma every step_size optimizer steps
-    milestones: List[float] = field(default_factory=list)  # multistep: fractions of the total steps
-    gamma: float = 0.1  # step/multistep factor; exponential: per-step factor
-    decay_fraction: float = 0.1  # wsd: the final fraction of the steps that decays
-    decay_type: str = "cosine"  # wsd: linear | cosine | 1-sqrt
-    power: float = 1.0  # polynomial
-    pct_start: float = 0.3  # onecycle: fraction of the steps spent increasing
-    div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
-    final_div_factor: float = 1e4  # onecycle: final lr = initial lr / final_div_factor
-    factor: float = 0.5  # plateau: LR factor on a plateau
-    patience: int = 3  # plateau: evaluations without improvement before reducing
-    threshold: float = 1e-4  # plateau: relative improvement that counts
-    cooldown: int = 0  # plateau: evaluations to wait after a reduction
 
 
 @dataclass
@@ -165,18 +142,6 @@ class DataConfig:
     num_samples: int = 1024
     num_classes: Optional[int] = None  # model outputs; default: inferred from the labels (synthetic: 10)
     input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
-
-
-@dataclass
-class LoggerConfig:
-    name: str = "console"  # console | wandb (both also write metrics.jsonl)
-    log_every: int = 10  # optimizer steps between metric lines
-    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
-    plots: bool = True  # draw plots/{loss,accuracy,lr}.png into the run directory when the run ends
-    project: str = "trainrun"  # wandb
-    entity: Optional[str] = None  # wandb
-    mode: str = "offline"  # wandb: online | offline | disabled
-    group: Optional[str] = None  # wandb
 
 
 @dataclass

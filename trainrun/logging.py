@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -13,6 +14,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from trainrun.errors import TrainrunError
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "console"  # console | wandb (both also write metrics.jsonl)
+    log_every: int = 10  # optimizer steps between metric lines
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    plots: bool = True  # draw plots/{loss,accuracy,lr}.png into the run directory when the run ends
+    project: str = "trainrun"  # wandb
+    entity: Optional[str] = None  # wandb
+    mode: str = "offline"  # wandb: online | offline | disabled
+    group: Optional[str] = None  # wandb
+
+
 
 METRICS_FILE = "metrics.jsonl"
 

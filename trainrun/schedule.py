@@ -38,15 +38,46 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
-
-import torch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
 from trainrun.registry import Registry
 
+if TYPE_CHECKING:  # torch only in annotations, so trainrun.config can import ScheduleConfig without loading torch
+    import torch
+
 log = logging.getLogger("trainrun")
+
+
+@dataclass
+class ScheduleConfig:
+    # constant | warmup_cosine | warmup_linear | step | multistep | exponential | wsd | onecycle | polynomial | plateau
+    name: str = "constant"
+    # At most one of the three warmup_* may be non-zero. Unset (null), the option's default_warmup_fraction applies,
+    # so an explicit key (warmup_steps=10, warmup_fraction=0) always wins over the schedule option's own default.
+    warmup_steps: Optional[int] = None
+    warmup_fraction: Optional[float] = None  # of the total optimizer steps
+    warmup_epochs: Optional[float] = None
+    default_warmup_fraction: float = 0.0  # set by the schedule option (configs/schedule/*.yaml), not by users
+    total_steps: Optional[int] = None  # the schedule's horizon in optimizer steps; null: the run's length
+    min_lr_ratio: float = 0.0  # cosine/linear/wsd/polynomial end at lr * min_lr_ratio
+    step_size: int = 0  # step: multiply by gamma every step_size optimizer steps
+    milestones: List[float] = field(default_factory=list)  # multistep: fractions of the total steps
+    gamma: float = 0.1  # step/multistep factor; exponential: per-step factor
+    decay_fraction: float = 0.1  # wsd: the final fraction of the steps that decays
+    decay_type: str = "cosine"  # wsd: linear | cosine | 1-sqrt
+    power: float = 1.0  # polynomial
+    pct_start: float = 0.3  # onecycle: fraction of the steps spent increasing
+    div_factor: float = 25.0  # onecycle: initial lr = lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: final lr = initial lr / final_div_factor
+    factor: float = 0.5  # plateau: LR factor on a plateau
+    patience: int = 3  # plateau: evaluations without improvement before reducing
+    threshold: float = 1e-4  # plateau: relative improvement that counts
+    cooldown: int = 0  # plateau: evaluations to wait after a reduction
+
+
 
 WARMUP_KEYS = ("warmup_steps", "warmup_fraction", "warmup_epochs")
 PLATEAU_EPS = 1e-8  # ReduceLROnPlateau's eps: smaller reductions are ignored (here in units of the base LR)
