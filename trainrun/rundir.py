@@ -121,13 +121,18 @@ def lock(directory: Path, what: str, fix: str) -> None:
 
 
 def record_holder(directory: Path) -> None:
-    """Write this process's PID, host and start time to LOCK_FILE (read by a refused second writer)."""
+    """Write this process's PID, host and start time to LOCK_FILE (read by a refused second writer). Best effort:
+    the flock is the lock, the record only names its holder, so a full disk here is left to the run's next write
+    (config.yaml), which reports it in one line."""
     since = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n"
     path = Path(directory) / LOCK_FILE
     tmp = path.with_name(f"{LOCK_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(record)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(record)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 class DeferredFileHandler(logging.FileHandler):
@@ -212,8 +217,8 @@ def accept(run_dir: Path, config_yaml: str, fresh: bool, main_process: bool) -> 
     removed = None
     if main_process:
         removed = start_over(run_dir) if fresh else []
-        write_config(run_dir, config_yaml)
         record_holder(run_dir)
+        write_config(run_dir, config_yaml)
     accept_logs()
     return removed
 
