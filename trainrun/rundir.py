@@ -202,13 +202,9 @@ def start_over(run_dir: Path) -> List[str]:
 
 def write_config(run_dir: Path, text: str) -> None:
     """config.yaml, replaced atomically: it always holds the config of the process now writing the run."""
-    path = Path(run_dir) / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from trainrun.checkpoint import _write_text_atomic  # via .config.yaml.tmp, fsynced, renamed
+
+    _write_text_atomic(Path(run_dir) / CONFIG_FILE, text)
 
 
 def accept(run_dir: Path, config_yaml: str, fresh: bool, main_process: bool) -> Optional[List[str]]:
