@@ -23,6 +23,9 @@ from trainrun.schedule import ScheduleConfig
 
 @dataclass
 class ModelConfig:
+    # User code: `_target_: pkg.module.factory` plus the factory's own keyword arguments (any keys; see
+    # trainrun/usercode.py). Without it, `name` picks a built-in and only the keys below are allowed.
+    _target_: Optional[str] = None
     name: str = "mlp"  # registry key: `trainrun-models` lists them
     hidden_sizes: List[int] = field(default_factory=lambda: [256, 128])  # mlp
     depth: int = 0  # mlp: if > 0, `depth` hidden layers all of width hidden_sizes[0] (deep-net studies)
@@ -124,6 +127,7 @@ class DistillationConfig:
 
 @dataclass
 class DataConfig:
+    _target_: Optional[str] = None  # user code: a factory returning train/val(/test) datasets or tensors
     name: str = "digits"  # digits | mnist5k | synthetic | tensors | cifar10 | imagefolder
     root: str = "data"  # cifar10 / imagefolder folder, or the .pt file of data=tensors
     download: bool = False  # cifar10
@@ -142,6 +146,17 @@ class DataConfig:
     num_samples: int = 1024
     num_classes: Optional[int] = None  # model outputs; default: inferred from the labels (synthetic: 10)
     input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
+
+
+@dataclass
+class TaskConfig:
+    """What a batch's targets are, the loss and the metrics (trainrun/tasks)."""
+    _target_: Optional[str] = None  # user code: a loss (nn.Module factory or function) or a whole trainrun Task
+    name: str = "classification"  # classification | binary | multilabel | regression
+    threshold: float = 0.5  # binary / multilabel: a logit's sigmoid above it is a positive prediction
+    pos_weight: Optional[List[float]] = None  # binary / multilabel: BCE weight of positives (one, or one per label)
+    loss: str = "mse"  # regression: mse | huber | l1
+    huber_delta: float = 1.0  # regression, loss=huber
 
 
 @dataclass
@@ -203,12 +218,16 @@ class TrainrunConfig:
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    # name -> {_target_: pkg.module.Callback, ...kwargs}: user callbacks (trainrun/callbacks.py); the name is the
+    # key of the callback's state in checkpoints
+    callbacks: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     mode: str = "train"  # train | eval | init_report | lr_find | overfit_batch
     resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
@@ -221,8 +240,14 @@ class TrainrunConfig:
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the rank offset under torchrun stays below it
 
 
+USER_CODE_SECTIONS = ("model", "data", "task")  # sections that may name user code with `_target_`
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="trainrun_schema", node=TrainrunConfig)
+    schema = OmegaConf.structured(TrainrunConfig)
+    for section in USER_CODE_SECTIONS:  # a `_target_` option carries its factory's own keys; validate() refuses
+        OmegaConf.set_struct(schema[section], False)  # unknown keys in sections without one
+    ConfigStore.instance().store(name="trainrun_schema", node=schema)
 
 
 # Choices of the sections config.py checks itself; each component module checks its own section's names (models,
@@ -252,11 +277,13 @@ def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:
     """`+key=value` can add keys Hydra's struct mode would refuse; refuse them here with the valid names."""
     if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
         return
+    if isinstance(node, DictConfig) and node.get("_target_") is not None:
+        return  # user code: its keyword arguments are the factory's business (it refuses unknown ones itself)
     for key in node.keys():
         if key not in schema:
             where = f" in {prefix[:-1]}" if prefix else ""
             raise ConfigError(f"unknown config key '{prefix}{key}': valid keys{where} are {', '.join(schema.keys())}")
-        if OmegaConf.get_type(schema, key) is not dict:  # free-form maps (lr_multipliers) take any key
+        if OmegaConf.get_type(schema, key) is not dict:  # free-form maps (lr_multipliers, callbacks) take any key
             _check_known_keys(node[key], schema[key], f"{prefix}{key}.")
 
 
