@@ -256,7 +256,6 @@ CHOICES = {
     "init.name": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
                   "orthogonal", "trunc_normal", "lsuv", "gpt2", "constant", "zeros"),
     "determinism": ("off", "warn", "error"),
-    "mode": ("train", "eval", "init_report", "lr_find", "overfit_batch"),
     "trainer.parallel": ("ddp", "fsdp2"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune"),
 }
@@ -264,13 +263,13 @@ CHOICES = {
 
 def section_checks() -> Dict[str, Callable[[Any], None]]:
     """section -> the range checks of the module that owns it (imported here: they import torch)."""
-    from trainrun import checkpoint, distill, doctor, logging, models, optim, precision, regularization, schedule
+    from trainrun import checkpoint, distill, doctor, logging, models, optim, precision, regularization, schedule, tasks
     from trainrun.data import curriculum, datasets
 
     return {"model": models.check, "optimizer": optim.check, "schedule": schedule.check,
             "precision": precision.check, "regularization": regularization.check, "distillation": distill.check,
             "data": datasets.check, "logger": logging.check, "curriculum": curriculum.check,
-            "checkpoint": checkpoint.check, "doctor": doctor.check}
+            "checkpoint": checkpoint.check, "doctor": doctor.check, "task": tasks.check}
 
 
 def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:
@@ -310,6 +309,9 @@ def validate(cfg: DictConfig) -> None:
     checks = SectionChecks(cfg, "")
     for key, allowed in CHOICES.items():
         checks.one_of(key, allowed)
+    from trainrun.modes import MODES
+
+    checks.one_of("mode", MODES.names())
     checks.positive("trainer.epochs", "trainer.accumulation_steps", "trainer.max_steps", "trainer.stop_at_step",
                     "init.lsuv_target_var", "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "lr_find.start_lr",
                     "lr_find.end_lr", "lr_find.num_steps", "lr_find.diverge", "trainer.threads")
@@ -333,15 +335,37 @@ def _check_across_sections(cfg: DictConfig, checks: SectionChecks) -> None:
     """Rules that span sections, and values that pass the type check but would crash or silently mislead later:
     seeds RNGs cannot take, a monitored metric that evaluation never logs."""
     from trainrun.loop import eval_metric_names
+    from trainrun.tasks import metric_names as task_metric_names
 
     if cfg.distillation.name == "self" and cfg.regularization.ema_decay <= 0:
         checks.fail("distillation.name", "self-distillation uses the student's EMA as teacher: set "
                                          "regularization.ema_decay (e.g. 0.999)")
     if not 0 <= cfg.seed <= SEED_MAX:
         checks.fail("seed", "must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), e.g. seed=0")
-    names = eval_metric_names(cfg.regularization.ema_decay > 0)
+    _check_task_fits(cfg, checks)
+    names = eval_metric_names(cfg.regularization.ema_decay > 0, task_metric_names(cfg))
     if cfg.checkpoint.monitor not in names:
         checks.fail("checkpoint.monitor", f"evaluation logs only {', '.join(names)}"
                                           + ("" if cfg.regularization.ema_decay > 0 else
                                              " (val_raw/* exists with regularization.ema_decay > 0)")
                                           + "; the best checkpoint and early stopping would never see this metric")
+
+
+# Techniques that read class-index targets: a task whose targets are not class indices refuses them.
+CLASS_INDEX_ONLY = {"regularization.label_smoothing": 0.0, "regularization.mixup_alpha": 0.0,
+                    "regularization.cutmix_alpha": 0.0, "regularization.class_weights": None,
+                    "regularization.balance_classes": False, "regularization.loss": "ce",
+                    "distillation.name": "off", "curriculum.name": "off"}
+
+
+def _check_task_fits(cfg: DictConfig, checks: SectionChecks) -> None:
+    from trainrun.tasks.build import task_classifies
+
+    if task_classifies(cfg.task):
+        return
+    for key, off in CLASS_INDEX_ONLY.items():
+        value = OmegaConf.select(cfg, key)
+        if value != off:
+            checks.fail(key, f"works on class-index targets, but task={cfg.task.name} has other targets; drop it "
+                             f"({key}={'null' if off is None else str(off).lower() if isinstance(off, bool) else off}) "
+                             "or use task=classification")

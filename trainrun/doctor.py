@@ -126,8 +126,12 @@ class Doctor:
                  world: int = 1, reduce_sum: Optional[Callable] = None, save_badstep: Optional[Callable] = None,
                  log: Optional[Callable] = None, say: Callable = print, stats_path: Optional[Path] = None,
                  lr: Callable[[], float] = lambda: float("nan"), probe_data: Optional[Tuple] = None,
-                 badsteps_path: Optional[Path] = None):
+                 badsteps_path: Optional[Path] = None, initial_loss: Optional[float] = None):
+        """`num_classes` None: the task does not classify into classes 0..C-1 (binary, multilabel, regression), so
+        the label-range, chance-level and label-probe checks do not apply. `initial_loss`: the mean loss the task
+        expects from a model with zero outputs (classification: ln C), for the first-step loss check."""
         self.cfg, self.model, self.net = cfg, model, unwrap(model)
+        self.initial_loss = initial_loss if initial_loss is not None or num_classes is None else math.log(num_classes)
         self.precision, self.loss_fn, self.num_classes = precision, loss_fn, num_classes
         self.world, self.reduce_sum = world, reduce_sum
         self.save_badstep, self.log, self.say, self.lr = save_badstep, log, say, lr
@@ -194,7 +198,7 @@ class Doctor:
         """Labels still on the host are checked before anything uses them: cross-entropy on an out-of-range label
         raises (CPU) or kills the process with a device assert (CUDA). Labels already on the GPU are those of
         in-memory datasets, validated when they were loaded."""
-        if not self.guard or self._labels_validated or y.is_floating_point() or y.device.type != "cpu" or not len(y):
+        if not self.guard or self._labels_validated or self.num_classes is None or y.is_floating_point() or y.device.type != "cpu" or not len(y):
             return
         lo, hi = torch.aminmax(y)
         if int(lo) < 0 or int(hi) >= self.num_classes:
@@ -421,21 +425,27 @@ class Doctor:
             self.say(f"[yellow]doctor:[/] {message}")
 
     def _check_initial_loss(self, loss: float) -> None:
-        """At the first step a classifier's mean cross-entropy is about ln(C); B x ln(C) means a summed loss."""
-        expected, b = math.log(self.num_classes), self.batch_size or 1
+        """At the first step a classifier's mean cross-entropy is about ln(C) (a sigmoid task's BCE ln 2); B times
+        that means a summed loss. Tasks with no expected first loss (regression) skip the check."""
+        if not self.initial_loss:
+            return
+        expected, b = self.initial_loss, self.batch_size or 1
+        what = f"ln({self.num_classes})" if self.num_classes else f"{expected:.3g}"
         ratio = loss / expected
         if b >= 8 and b / 2 <= ratio <= 2 * b:
-            self.note("reduction_sum", f"the first loss is {loss:.4g} = {ratio:.1f} x ln({self.num_classes}) "
+            self.note("reduction_sum", f"the first loss is {loss:.4g} = {ratio:.1f} x {what} "
                                        f"with batch {b}: the loss is summed over the batch, not averaged "
                                        "(reduction='sum'), so the gradient and the effective LR grow with the "
                                        "batch size; use the mean (reduction='mean') or divide the LR by the batch")
         elif ratio > 3:
-            self.note("initial_loss_high", f"the first loss is {loss:.4g}, {ratio:.1f} x ln({self.num_classes}) "
+            self.note("initial_loss_high", f"the first loss is {loss:.4g}, {ratio:.1f} x {what} "
                                            "expected from a uniform prediction: the initial logits are large; "
                                            "shrink the output layer's init (init.zero_init_head=true)")
 
     def on_eval(self, step: int, val_acc: Optional[float]) -> None:
         """Validation at chance level: tell a label problem from a training problem with a model-free probe."""
+        if self.num_classes is None:
+            return  # chance level and the 1-NN label probe are multiclass notions
         chance = 1.0 / self.num_classes
         if val_acc is None or val_acc > 1.5 * chance or self._chance_checked:
             return
@@ -467,7 +477,7 @@ class Doctor:
         """Val accuracy of a 1-nearest-neighbour classifier on the raw inputs (in-memory data; up to 5,000 training
         and 1,000 val samples): well above chance for a real dataset whose training labels go with its inputs
         (digits: 98%), at chance, with little spread, when they do not. None if the data is not in memory."""
-        if self.probe_data is None:
+        if self.probe_data is None or self.num_classes is None:
             return None
         train, val = self.probe_data
         if not all(hasattr(d, "x") and hasattr(d, "y") for d in (train, val)) or len(val.y) == 0:

@@ -1,6 +1,7 @@
 """The training loop, readable top to bottom: `train_step`, `evaluate`, `fit`.
 
-The loop knows the interfaces of the techniques (precision policy, schedule, loss), not their insides.
+The loop knows the interfaces of the techniques (task, precision policy, schedule, callbacks), not their insides:
+the task computes the loss and the sums its metrics come from; the loop never reads a target itself.
 Step order: zero_grad -> forward under autocast -> fp32 loss / accumulation -> backward (scaled for
 fp16) -> unscale -> clip -> optimizer step via the scaler -> scaler update -> schedule -> log.
 """
@@ -13,7 +14,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from trainrun.data import BatchStream
 from trainrun.diagnostics import measured_peak_bytes
@@ -23,6 +23,7 @@ from trainrun.doctor import Doctor, TrainingHalted
 from trainrun.precision import PrecisionPolicy
 from trainrun.regularization import EMA, BatchAugment
 from trainrun.schedule import Schedule
+from trainrun.tasks import Task
 
 
 @dataclass
@@ -62,11 +63,16 @@ class Trainer:
     doctor: Optional[Doctor] = None  # the NaN/inf guard and statistics (trainrun.doctor)
     zero_grad: bool = True  # False only for the no_zero_grad teaching fault
     channels_last: bool = False  # 4-D inputs go to the model in NHWC memory format
+    task: Optional[Task] = None  # the loss and the metrics' sums (trainrun.tasks); None: classification by loss_fn
     state: TrainState = field(default_factory=TrainState)
     params: List[torch.Tensor] = field(default_factory=list)  # trainable parameters, listed once
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.task is None:
+            from trainrun.tasks.classification import Classification
+
+            self.task = Classification(None, self.loss_fn, ())
 
 
 def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -87,7 +93,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         t.optimizer.zero_grad(set_to_none=True)
     if doc is not None:
         doc.begin_step(t.state.step + 1)
-    loss_sum = correct = None
+    loss_sum = sums = None
     n = 0
     for i in range(t.accumulation):
         _grad_sync(t.model, i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
@@ -105,11 +111,11 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         if t.distill is not None:
             loss, _ = t.distill.loss(x, logits, target, t.loss_fn, t.precision.autocast)
         else:
-            loss = t.loss_fn(logits.float(), target)  # the loss is always computed in fp32
+            loss = t.task.loss(logits, target)  # the loss is always computed in fp32
         t.precision.backward(loss / t.accumulation if t.accumulation > 1 else loss)  # no extra autograd node
-        hits = (logits.detach().argmax(1) == y).sum()
+        batch_sums = t.task.train_sums(logits, y)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        correct = hits if correct is None else correct + hits
+        sums = batch_sums if sums is None else {k: sums[k] + v for k, v in batch_sums.items()}
         n += len(y)
     norm = t.precision.unscale_and_clip(t.optimizer, t.params, clip_norm=t.clip_norm,
                                         clip_value=t.clip_value, want_norm=want_norm or doc is not None)
@@ -125,7 +131,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     t.state.step += 1
     t.state.samples += n
     t.schedule.apply(t.optimizer, t.state.step)
-    out = {"loss": mean_loss, "correct": correct, "n": n, "skipped": not apply}
+    out = {"loss": mean_loss, "sums": sums, "n": n, "skipped": not apply}
     if norm is not None:
         out["grad_norm"] = norm
     return out
@@ -144,53 +150,62 @@ def _grad_sync(model: nn.Module, on: bool) -> None:
         model.set_requires_gradient_sync(on)
 
 
-EVAL_METRICS = ("val/loss", "val/acc")  # what `evaluate` returns: the names checkpoint.monitor may use
+EVAL_METRICS = ("val/loss", "val/acc")  # what classification's `evaluate` returns
 
 
-def eval_metric_names(ema: bool) -> Tuple[str, ...]:
-    """Every metric name `evaluate_all` logs: val/*, plus val_raw/* (the raw weights) when EMA is on."""
-    return EVAL_METRICS + tuple(k.replace("val/", "val_raw/") for k in EVAL_METRICS if ema)
+def eval_metric_names(ema: bool, names: Tuple[str, ...] = EVAL_METRICS) -> Tuple[str, ...]:
+    """Every metric name `evaluate_all` logs: the task's val/* `names`, plus val_raw/* (the raw weights) with EMA."""
+    return tuple(names) + tuple(k.replace("val/", "val_raw/") for k in names if ema)
 
 
 def evaluate_all(t: Trainer) -> Dict[str, float]:
     """val/* from the EMA weights when EMA is on (val_raw/* then holds the raw weights), else the raw weights."""
     if t.ema is None:
-        return evaluate(t.model, t.val, t.precision, t.device, t.channels_last)
-    raw = evaluate(t.model, t.val, t.precision, t.device, t.channels_last)
-    return {**evaluate(t.ema.module, t.val, t.precision, t.device, t.channels_last),
+        return evaluate(t.model, t.val, t.precision, t.device, t.channels_last, t.task)
+    raw = evaluate(t.model, t.val, t.precision, t.device, t.channels_last, t.task)
+    return {**evaluate(t.ema.module, t.val, t.precision, t.device, t.channels_last, t.task),
             **{k.replace("val/", "val_raw/"): v for k, v in raw.items()}}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device,
-             channels_last: bool = False) -> Dict[str, float]:
+             channels_last: bool = False, task: Optional[Task] = None) -> Dict[str, float]:
+    """The task's val/* metrics over the whole stream, from sums (float64 / integer) added batch by batch."""
+    if task is None:
+        from trainrun.tasks.classification import Classification
+
+        task = Classification(None, nn.CrossEntropyLoss(), ())
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    sums: Dict[str, torch.Tensor] = {}
     n = 0
     for x, y, _ in stream.iter_epoch(0):
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with precision.autocast():
-            logits = model(x)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
+            output = model(x)
+        for k, v in task.eval_sums(output, y).items():
+            sums[k] = sums[k] + v if k in sums else v
         n += len(y)
     model.train(was_training)
-    return dict(zip(EVAL_METRICS, (float(loss) / max(1, n), float(correct) / max(1, n))))
+    if not sums:  # an empty stream
+        return {name: float("nan") for name in eval_metric_names(False, tuple(f"val/{m}" for m in
+                                                                             task.metric_names(task.cfg)))}
+    return task.eval_metrics(sums, n)
 
 
 def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at: int,
         log: Callable[[int, Dict], None], on_eval: Callable[[Dict[str, float]], None],
-        save: Callable[[], None], advance: Callable[[int], None], should_stop: Callable[[], bool]) -> None:
+        save: Callable[[], None], advance: Callable[[int], None], should_stop: Callable[[], bool],
+        on_step: Optional[Callable[[int, Dict], None]] = None) -> None:
     """Train until `stop_at` (<= total_steps), evaluating, checkpointing and logging on their intervals.
 
-    `should_stop()` (a signal arrived) checkpoints at the current step boundary and returns early.
+    `should_stop()` (a signal arrived) checkpoints at the current step boundary and returns early. `on_step(step,
+    out)` after every step (user callbacks; it costs a host sync per step, so it is None without them).
     """
     t.model.train()
     batches = micro_batches(t)
     loss_acc = torch.zeros((), device=t.device)
-    correct_acc = torch.zeros((), device=t.device, dtype=torch.long)
+    sums: Dict[str, torch.Tensor] = {}  # the task's train sums over the log window
     seen, steps_in_window, norm = 0, 0, None
     window_start = time.perf_counter()
     while t.state.step < stop_at:
@@ -198,25 +213,24 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         out = train_step(t, batches, want_norm=is_log_step)
         if not out["skipped"]:
             loss_acc += out["loss"]
-            correct_acc += out["correct"]
+            for k, v in out["sums"].items():
+                sums[k] = sums[k] + v if k in sums else v
             seen += out["n"]
             steps_in_window += 1
         norm = out.get("grad_norm", norm)
         step = t.state.step
+        if on_step is not None:
+            on_step(step, out)
         if is_log_step:
-            if t.world > 1:  # average over ranks: the same numbers one process with the global batch logs
-                totals = all_reduce_sum(torch.stack([loss_acc.double(), correct_acc.double(),
-                                                     torch.tensor(float(seen), device=t.device, dtype=torch.float64)]))
-                loss_acc.fill_(float(totals[0]) / t.world)
-                correct_acc.fill_(int(totals[1]))
-                seen = int(totals[2])
+            if t.world > 1:  # sums over ranks: the same numbers one process with the global batch logs
+                seen = _reduce_window(t, loss_acc, sums, seen)
             loss = float(loss_acc) / max(1, steps_in_window)  # the one host sync per log interval
             if loss != loss or loss in (float("inf"), float("-inf")):  # only reachable with doctor.nan_guard=off
                 raise TrainingHalted(f"non-finite training loss ({loss}) in the {steps_in_window} steps up to step "
                                      f"{step}; re-run with doctor.nan_guard=halt to find the step and the layer, "
                                      "lower optimizer.lr, or use precision=bf16 instead of fp16")
             elapsed = time.perf_counter() - window_start
-            metrics = {"epoch": t.state.epoch, "train/loss": loss, "train/acc": float(correct_acc) / max(1, seen),
+            metrics = {"epoch": t.state.epoch, "train/loss": loss, **(t.task.train_metrics(sums, seen) if sums else {}),
                        "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(elapsed, 1e-9)}
             if norm is not None:
                 metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -225,7 +239,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
                 metrics["loss_scale"] = t.precision.scaler.get_scale()
             log(step, metrics)
             loss_acc.zero_()
-            correct_acc.zero_()
+            sums = {}
             seen, steps_in_window = 0, 0
             window_start = time.perf_counter()
         else:
@@ -246,6 +260,21 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             window_start = time.perf_counter()
             if stop:
                 return
+
+
+def _reduce_window(t: Trainer, loss_acc: torch.Tensor, sums: Dict[str, torch.Tensor], seen: int) -> int:
+    """All-reduce the log window over ranks in one call: the mean loss, the task's sums, the samples seen."""
+    keys = list(sums)
+    flat = torch.cat([loss_acc.double().reshape(1), *[sums[k].double().reshape(-1) for k in keys],
+                      torch.tensor([float(seen)], device=t.device, dtype=torch.float64)])
+    totals = all_reduce_sum(flat)
+    loss_acc.fill_(float(totals[0]) / t.world)
+    at = 1
+    for k in keys:
+        size = sums[k].numel()
+        sums[k] = totals[at:at + size].reshape(sums[k].shape).to(sums[k].dtype)
+        at += size
+    return int(totals[-1])
 
 
 def overfit_one_batch(t: Trainer, steps: int, target: float) -> Tuple[List[float], List[float], Optional[str]]:

@@ -25,7 +25,7 @@ log = logging.getLogger("trainrun")
 
 # Keys whose change makes a checkpoint unusable (a section, or one key of it), and keys that never matter for a
 # resume.
-REFUSE_ON_CHANGE = ("model", "precision", "optimizer.name")
+REFUSE_ON_CHANGE = ("model", "precision", "optimizer.name", "task.name", "task._target_")
 IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name", "sweep_name")
 _GROUPS = ("model", "optimizer", "precision")  # a changed `<group>.name` is undone with `<group>=<name>`
 
@@ -49,7 +49,13 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
     return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and not _under(k, IGNORE_ON_RESUME)]
 
 
+# Sections a checkpoint written before they existed lacks: it was trained with these values.
+_SECTIONS_ADDED = {"task": {"_target_": None, "name": "classification"}, "callbacks": {}}
+
+
 def check_resume_compatible(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    old = {**{k: (dict(v) if k != "task" else {**new.get("task", {}), **v}) for k, v in _SECTIONS_ADDED.items()
+              if k not in old}, **old}
     changes = config_changes(old, new)
     refused = [c for c in changes if _under(c[0], REFUSE_ON_CHANGE)]
     if refused:
@@ -107,7 +113,7 @@ def adopt_trained_sections(cfg: DictConfig, saved: Dict[str, Any], sections) -> 
     """`cfg` with the checkpoint's stored `sections` (mode=eval evaluates the checkpoint as it was trained)."""
     def merge():
         out = cfg.copy()
-        for section in sections:
+        for section in (s for s in sections if isinstance(saved.get(s), dict)):  # older checkpoints lack `task`
             out[section] = OmegaConf.merge(out[section], literal_config(saved[section]))
         return out
     return _typed(merge)

@@ -55,12 +55,13 @@ class FileSet:
 
 @dataclass
 class Split:
-    train: object  # TensorSet | FileSet
+    train: object  # TensorSet | FileSet | trainrun.data.user.UserSet
     val: object
-    num_classes: int
+    num_classes: Optional[int]  # classification: the classes; None for other tasks
     input_shape: Tuple[int, int, int]
     fingerprint: str  # sha256 over the data and the split
     description: str
+    test: object = None  # a held-out split, when the data has one
 
 
 def _first_line(e: BaseException) -> str:
@@ -335,7 +336,8 @@ LOADERS = DATASETS  # the name trainrun.data exports
 def check(cfg) -> None:
     """Range checks of the data section."""
     checks = SectionChecks(cfg, "data")
-    checks.one_of("name", DATASETS.names())
+    if cfg.get("_target_") is None:  # user data: the factory's arguments are its own business
+        checks.one_of("name", DATASETS.names())
     checks.positive("batch_size", "eval_batch_size", "image_size", "num_samples", "num_classes", "limit_train",
                     "limit_val", "prefetch_factor")
     checks.positive("num_workers", allow_zero=True)
@@ -361,6 +363,8 @@ def limit(ds, n: Optional[int]):
         return ds
     if isinstance(ds, TensorSet):
         return TensorSet(ds.x[:n], ds.y[:n], None if ds.difficulty is None else ds.difficulty[:n], ds.augment)
+    if hasattr(ds, "subset"):  # a user dataset (trainrun.data.user.UserSet)
+        return ds.subset(n)
     return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets)
 
 
@@ -371,9 +375,14 @@ def sample_inputs(ds, n: int) -> torch.Tensor:
     return torch.stack([ds.load(i, 0)[0] for i in range(min(n, len(ds)))])
 
 
-def build_split(cfg) -> Split:
+def build_split(cfg, classifies: bool = True) -> Split:
+    """A built-in data source's train/val split; `classifies`: its labels are class indices of a multiclass task
+    (checked here: at least 2 classes, data.num_classes); other tasks check their targets themselves."""
     split = DATASETS.get(cfg.name)(cfg)
     split.train, split.val = limit(split.train, cfg.limit_train), limit(split.val, cfg.limit_val)
+    if not classifies:
+        split.num_classes = None
+        return split
     seen = max(int(split.train.y.max()), int(split.val.y.max())) + 1
     if cfg.num_classes is not None and cfg.name != "synthetic":
         if seen > cfg.num_classes:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -19,8 +19,29 @@ for _name, _factory in (("mlp", mlp), ("cnn", cnn), ("resnet18", resnet18), ("re
     MODELS.register(_name, _factory)
 
 
-def build_model(cfg, input_shape: Tuple[int, int, int], num_classes: int, dropout: float) -> nn.Module:
+def build_model(cfg, input_shape: Tuple[int, int, int], num_classes: int, dropout: float,
+                num_outputs: Optional[int] = None) -> nn.Module:
+    """A registered model by `model.name`, or the user's `model._target_` factory, which gets its own keys plus
+    `input_shape`, `num_classes` and `num_outputs` (what the task needs per sample) if its signature names them."""
+    if cfg.get("_target_"):
+        from dataclasses import fields
+
+        from trainrun import usercode
+        from trainrun.config import ModelConfig
+
+        offered = {"input_shape": tuple(input_shape), "num_classes": num_classes,
+                   "num_outputs": num_outputs if num_outputs is not None else num_classes}
+        model = usercode.call_factory(cfg, "model._target_", [f.name for f in fields(ModelConfig)], offered)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model._target_={cfg._target_} returned a {type(model).__name__}, not a "
+                              "torch.nn.Module; return the model itself")
+        return model
     return MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes, dropout)
+
+
+def model_label(cfg) -> str:
+    """How errors and the run header name the model: `model.name=cnn` or `model._target_=pkg.Net`."""
+    return f"model._target_={cfg._target_}" if cfg.get("_target_") else f"model.name={cfg.name}"
 
 
 def describe_models() -> Dict[str, str]:
@@ -30,6 +51,8 @@ def describe_models() -> Dict[str, str]:
 def check(cfg) -> None:
     """Range checks of the model section."""
     checks = SectionChecks(cfg, "model")
+    if cfg.get("_target_"):
+        return  # user code: its arguments are checked when the factory is called, before any compute
     checks.one_of("name", sorted(MODELS))
     checks.one_of("activation", ("relu", "gelu", "tanh", "silu"))
     checks.positive("patch_size", "width", "layers", "heads", "mlp_ratio")
@@ -56,7 +79,7 @@ def model_options(option_dir: Path) -> Dict[str, str]:
     return out
 
 
-def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_classes: int) -> None:
+def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_classes: int, task=None) -> None:
     """Run the built model once on one all-zero sample (eval mode, no grad: no RNG drawn, no BatchNorm statistics
     changed) and check its output is [1, num_classes], so a model that cannot take this input fails in one line
     before any training instead of a traceback at the first step."""
@@ -65,7 +88,7 @@ def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_c
     shape = list(input_shape)
     empty = [n for n, p in model.named_parameters() if p.numel() == 0]
     if empty:
-        raise ConfigError(f"model.name={name}: parameter {empty[0]} has zero size on inputs of shape {shape}: a "
+        raise ConfigError(f"{_label(name)}: parameter {empty[0]} has zero size on inputs of shape {shape}: a "
                           "zero-width layer passes nothing on; give every layer and the input a positive size")
     was_training = model.training
     model.eval()
@@ -74,15 +97,22 @@ def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_c
             out = model(torch.zeros(1, *shape))
     except Exception as e:  # noqa: BLE001  (any failure of the forward is the same finding)
         last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ConfigError(f"model.name={name} cannot run on inputs of shape {shape} ({type(e).__name__}: {last}); "
+        raise ConfigError(f"{_label(name)} cannot run on inputs of shape {shape} ({type(e).__name__}: {last}); "
                           "use larger inputs (data.image_size / data.input_shape) or a model that fits them "
                           "(e.g. model=mlp)") from e
     finally:
         model.train(was_training)
+    if task is not None and not task.classifies:
+        task.check_output(out, _label(name))
+        return
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model.name={name} on inputs of shape {shape} returns {got}, not [1, {num_classes}] "
+        raise ConfigError(f"{_label(name)} on inputs of shape {shape} returns {got}, not [1, {num_classes}] "
                           "(one logit per class); the model's head does not fit data.num_classes")
+
+
+def _label(name: str) -> str:
+    return name if "=" in name else f"model.name={name}"
 
 
 def memory_bytes(device="cpu"):

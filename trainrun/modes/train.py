@@ -1,0 +1,124 @@
+"""mode=train: fit with evaluation, checkpoints, early stopping, signals and the user's callbacks."""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Dict
+
+from trainrun import checkpoint, distributed
+from trainrun.build import Run
+from trainrun.loop import evaluate_all, fit
+from trainrun.modes.session import open_session
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) / first Ctrl-C ask the loop to checkpoint at the next
+    step boundary and exit."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. tests): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, self.signum or signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _on_eval(run: Run, logger):
+    """After every evaluation: the doctor's chance check, the plateau schedule, the best metric, early stopping
+    (which restores the best weights it measured), then the callbacks."""
+    trainer, cfg, early, ema = run.trainer, run.cfg, run.early, run.ema
+    monitor, mode = cfg.checkpoint.monitor, cfg.checkpoint.monitor_mode
+
+    def on_eval(metrics: Dict[str, float]) -> None:
+        state = trainer.state
+        state.last_eval_step = state.step
+        if run.doctor is not None:
+            run.doctor.on_eval(state.step, metrics.get("val/acc"))
+        value = metrics.get(monitor)
+        run.schedule.on_eval(value)
+        if value is not None and checkpoint.is_better(value, state.best_metric, mode):
+            state.best_metric = value
+        # keep the weights that were measured: val/* comes from the EMA copy when EMA is on
+        if early is not None and early.step(value, state.step, ema.module if ema is not None else run.model):
+            state.stopped_early = True
+            logger.print(f"early stopping at step {state.step}: no {monitor} improvement over {early.min_delta} for "
+                         f"{early.patience} evaluations (best {early.best} at step {early.best_step})")
+            if early.best_weights is not None:
+                run.model.load_state_dict(early.best_weights)
+                if ema is not None:  # both copies now hold the EMA weights that were measured best
+                    ema.module.load_state_dict(early.best_weights)
+                state.last_eval = evaluate_all(trainer)
+                logger.print(f"restored the best weights (step {early.best_step})")
+        run.callbacks.call("on_eval_end", run, state.step, dict(metrics))
+
+    return on_eval
+
+
+def _on_step(run: Run):
+    """The step's loss and LR for the callbacks' on_step_end (a host sync per step: only with callbacks)."""
+    if not run.callbacks.wants_step_metrics:
+        return None
+
+    def on_step(step: int, out: Dict) -> None:
+        metrics = {"train/loss": float(out["loss"]), "lr": run.optimizer.param_groups[0]["lr"]}
+        run.callbacks.call("on_step_end", run, step, metrics)
+
+    return on_step
+
+
+def train_mode(run: Run, t0: float) -> Dict[str, float]:
+    logger, saver = open_session(run)
+    if run.doctor is not None:
+        run.doctor.save_badstep, run.doctor.say = saver.save_badstep, logger.print
+        run.doctor.log = logger.log_stats if run.info.is_main else None
+    cfg, trainer, total = run.cfg, run.trainer, run.total
+    stop_at = min(total, cfg.trainer.stop_at_step or total)
+    exit_code = 1
+    try:
+        already_done = trainer.state.step >= total or trainer.state.stopped_early
+        if already_done:
+            logger.print(f"run already complete at step {trainer.state.step}/{total}; nothing to do")
+        run.callbacks.call("on_fit_start", run)
+        with StopFlag() as stop:
+            already_done or fit(trainer, log_every=cfg.logger.log_every,
+                                eval_every=cfg.trainer.eval_every or run.steps_per_epoch,
+                                ckpt_every=cfg.trainer.ckpt_every or run.steps_per_epoch, stop_at=stop_at,
+                                log=logger.log, on_eval=_on_eval(run, logger), save=saver.save,
+                                advance=logger.advance, on_step=_on_step(run),
+                                should_stop=lambda: distributed.any_rank(
+                                    stop.requested or trainer.state.stopped_early, run.device))
+        final = _final_metrics(run, t0)
+        done = trainer.state.step >= total or trainer.state.stopped_early
+        run.callbacks.call("on_fit_end", run, dict(final))
+        logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
+                       f"(checkpointed; resume={run.dir} continues)", final)
+        if cfg.logger.plots and run.info.is_main:
+            from trainrun.plots import plot_finished
+
+            plot_finished(run.dir)
+        exit_code = 0
+        return {**final, "finished": done, "signal": None if done else stop.signum}
+    finally:
+        logger.close(exit_code)
+
+
+def _final_metrics(run: Run, t0: float) -> Dict[str, float]:
+    state, monitor = run.state, run.cfg.checkpoint.monitor
+    final = {"step": state.step, **state.last_eval}
+    if state.best_metric is not None:
+        final[f"best {monitor}"] = state.best_metric
+    final["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    return final
