@@ -4,7 +4,6 @@ driving them through the CLI exactly as a user would (`trainrun --config-dir exa
 The examples are not pip-installed here: the subprocesses find them on PYTHONPATH, as an editable install would.
 """
 import importlib
-import inspect
 import json
 import math
 import os
@@ -180,19 +179,6 @@ def _compose(config_dir: Path, overrides):
         return compose("config", overrides=[f"hydra.searchpath=[file://{config_dir}]", *overrides])
 
 
-def _build_from_option(path: Path, schema, offered):
-    """Call an option file's `_target_` as the contract says: the file's own keys, minus trainrun's keys the
-    factory does not name (batch_size, ...), plus the offered values the factory names."""
-    from hydra.utils import get_method
-
-    node = OmegaConf.to_container(OmegaConf.load(path))
-    factory = get_method(node.pop("_target_"))
-    names = inspect.signature(factory).parameters
-    kwargs = {k: v for k, v in node.items() if k in names or k not in schema}
-    kwargs.update({k: v for k, v in offered.items() if k in names})
-    return factory(**kwargs)
-
-
 @pytest.mark.parametrize("example, recipe, model, data, task, monitor", [
     (FACES, "faces", "faces_example.model.FaceNet", "faces_example.data.lfw_splits", "binary", "val/acc"),
     (REGRESSION, "diabetes", "regression_example.model.DiabetesMLP", "regression_example.data.diabetes_splits",
@@ -209,18 +195,23 @@ def test_recipe_composes_the_examples_options(example, recipe, model, data, task
     assert header[0] == "# @package _global_" and header[1].startswith("# ")
 
 
-def test_option_files_bind_to_their_factories(faces, regression):
+@pytest.mark.parametrize("example, recipe, offered, sizes, output", [
+    (FACES, "faces", {"input_shape": (1, 25, 25), "num_classes": 2, "num_outputs": 1}, (150, 50), (1,)),
+    (REGRESSION, "diabetes", {"input_shape": (10,), "num_outputs": 1}, (354, 88), (1,)),
+])
+def test_composed_options_build_through_trainrun_usercode(faces, regression, example, recipe, offered, sizes, output):
+    """The composed model/data nodes go through trainrun's own factory call (usercode.call_factory: the node's own
+    keys, trainrun's keys only where the signature names them, the offered values) and dataset check."""
     from trainrun.config import DataConfig, ModelConfig
+    from trainrun.usercode import as_datasets, call_factory
 
-    model_keys, data_keys = ModelConfig.__dataclass_fields__, DataConfig.__dataclass_fields__
-    lfw = _build_from_option(FACES / "configs/data/lfw.yaml", data_keys, {})
-    net = _build_from_option(FACES / "configs/model/faces_cnn.yaml", model_keys,
-                             {"input_shape": (1, 25, 25), "num_outputs": 1, "num_classes": 2})
-    assert len(lfw["val"]) == 50 and net(torch.stack([lfw["val"][i][0] for i in range(3)])).shape == (3, 1)
-    diabetes = _build_from_option(REGRESSION / "configs/data/diabetes.yaml", data_keys, {})
-    mlp = _build_from_option(REGRESSION / "configs/model/diabetes_mlp.yaml", model_keys,
-                             {"input_shape": (10,), "num_outputs": 1})
-    assert len(diabetes["train"]) == 354 and mlp(diabetes["val"].tensors[0]).shape == (88, 1)
+    cfg = _compose(example / "configs", [f"+recipe={recipe}"])
+    datasets = as_datasets(call_factory(cfg.data, "data", DataConfig.__dataclass_fields__, {}),
+                           target=cfg.data._target_)
+    assert (len(datasets["train"]), len(datasets["val"])) == sizes
+    model = call_factory(cfg.model, "model", ModelConfig.__dataclass_fields__, offered)
+    batch = torch.stack([datasets["val"][i][0] for i in range(3)])
+    assert model(batch).shape == (3, *output)
 
 
 # ---------------------------------------------------------------- the CLI, as a user runs it
