@@ -33,24 +33,26 @@ CONFIGS_DIR = _asset_dir("configs")
 RECIPES_DIR = _asset_dir("recipes")
 
 
-def recipe_headers() -> Dict[str, str]:
-    """name -> the recipe's leading comment block (what it reproduces, what it reached), one paragraph per
-    item: an indented comment line continues the line above it, so the terminal can wrap the text itself."""
-    out = {}
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        lines = []
-        for line in path.read_text().splitlines():
-            if not line.startswith("#"):
-                break
-            text = line.lstrip("#").strip()
-            if not text or text.startswith("@package"):
-                continue
-            if lines and line[1:].startswith("  "):
-                lines[-1] += " " + text
-            else:
-                lines.append(text)
-        out[path.stem] = "\n".join(lines)
-    return out
+def header_comment(path: Path) -> str:
+    """A YAML file's leading comment block (without `@package`), one paragraph per item: an indented comment line
+    continues the line above it, so the terminal can wrap the text itself."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text or text.startswith("@package"):
+            continue
+        if lines and line[1:].startswith("  "):
+            lines[-1] += " " + text
+        else:
+            lines.append(text)
+    return "\n".join(lines)
+
+
+def recipe_headers(recipes_dir: Path = RECIPES_DIR) -> Dict[str, str]:
+    """name -> the recipe's leading comment block (what it reproduces, what it reached)."""
+    return {path.stem: header_comment(path) for path in sorted(Path(recipes_dir).glob("*.yaml"))}
 
 
 def register_recipes() -> None:
@@ -313,9 +315,9 @@ def _sweep_jobs(overrides) -> list:
     return [list(job) for job in itertools.product(*values)]
 
 
-def preflight(overrides, sweep: bool = False) -> None:
+def preflight(overrides, sweep: bool = False, search_path=()) -> None:
     """Compose and validate once before Hydra starts (every job of a `-m` sweep), so bad input fails in one line
-    and creates no run or sweep directory."""
+    and creates no run or sweep directory. `search_path`: the user's config directories (user_search_path)."""
     from hydra import initialize_config_dir
 
     i, job = 0, list(overrides)
@@ -324,7 +326,7 @@ def preflight(overrides, sweep: bool = False) -> None:
         with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3", job_name="trainrun"):
             jobs = _sweep_jobs(overrides) if sweep else jobs
             for i, job in enumerate(jobs):
-                _preflight_job(job, check_dir=not sweep)
+                _preflight_job(job, check_dir=not sweep, search=searchpath_override(search_path))
         if sweep:
             jobs = [job]  # a problem with the sweep directory is no job's
             _check_writable(Path(_sweep_dir(None)), "the sweep directory multirun/", "run the sweep from a writable "
@@ -337,13 +339,13 @@ def preflight(overrides, sweep: bool = False) -> None:
         _fail(msg)
 
 
-def _preflight_job(overrides, check_dir: bool) -> None:
+def _preflight_job(overrides, check_dir: bool, search=()) -> None:
     from hydra import compose
 
     from trainrun.config import validate
     from trainrun.resume import adopt_checkpoint_config, check_resume_compatible, resume_meta
 
-    cfg = compose("config", overrides=list(overrides))
+    cfg = compose("config", overrides=[*overrides, *search])
     from trainrun import rundir
 
     raw = OmegaConf.to_container(cfg, resolve=False)  # names as typed: an interpolation is refused, not resolved
@@ -362,7 +364,7 @@ def _preflight_job(overrides, check_dir: bool) -> None:
         target, what = checkpoint.run_dir_of(ckpt), f"resume={cfg.resume}"
     if cfg.resume and cfg.mode == "train":
         meta = resume_meta(cfg.resume, cfg)  # the newest checkpoint whose meta.json is sound, as a resume picks
-        defaults = compose("config")
+        defaults = compose("config", overrides=list(search))
         cfg = adopt_checkpoint_config(cfg, defaults, list(overrides), meta["config"]["resolved"])
         check_resume_compatible(meta["config"]["resolved"], OmegaConf.to_container(cfg, resolve=True))
     if check_dir:
@@ -431,6 +433,92 @@ def split_args(args):
     return overrides, flags
 
 
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
+
+
+def split_config_dir(args):
+    """(the user's config directory or None, args without it): `--config-dir DIR`, `-cd DIR`, `--config-dir=DIR`
+    or `-cd=DIR`; the last one given counts, as in Hydra's parser."""
+    config_dir, rest, i = None, [], 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            if eq:
+                config_dir = value
+            elif i + 1 < len(args):
+                config_dir, i = args[i + 1], i + 1
+            else:
+                raise ConfigError(f"{flag} needs a directory: {flag} DIR (its GROUP/OPTION.yaml files become "
+                                  "GROUP=OPTION)")
+        else:
+            rest.append(args[i])
+        i += 1
+    return config_dir, rest
+
+
+def _searchpath_entries(arg: str) -> list:
+    """The entries of a `hydra.searchpath=[...]` override, as Hydra parses them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except Exception as e:  # noqa: BLE001  (Hydra's grammar errors are several types)
+        raise ConfigError(f"{arg}: {_one_line(e)}; write hydra.searchpath=[file://DIR,...]") from e
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{arg}: hydra.searchpath takes a list of paths; write hydra.searchpath=[file://DIR,...]")
+    return value
+
+
+def user_search_path(config_dir: Optional[str], args) -> list:
+    """The config search path this command adds to trainrun's configs/: the --config-dir directory (absolute,
+    first, as Hydra adds it) then the entries of a `hydra.searchpath=[...]` override. A directory that does not
+    exist is refused here (Hydra itself would stop with a traceback or only warn)."""
+    entries = []
+    if config_dir is not None:
+        where = Path(config_dir).absolute()
+        if not where.is_dir():
+            raise ConfigError(f"--config-dir {config_dir}: {where} is not a directory; give the directory that holds "
+                              "your GROUP/OPTION.yaml files (e.g. myconfigs with myconfigs/model/unet.yaml)")
+        entries.append(f"file://{where}")
+    for arg in args:
+        if arg.partition("=")[0].lstrip("+") == "hydra.searchpath":
+            for entry in _searchpath_entries(arg):
+                path = Path(entry[len("file://"):]) if entry.startswith("file://") else None
+                if path is not None and not path.is_dir():
+                    raise ConfigError(f"hydra.searchpath entry {entry}: {path.absolute()} is not a directory; give "
+                                      "file://DIR of a directory that holds your GROUP/OPTION.yaml files")
+                entries.append(entry)
+    return entries
+
+
+def check_not_shadowed(search_path, overrides) -> None:
+    """Refuse `GROUP=NAME` when the user's directory and trainrun's own configs both have GROUP/NAME.yaml: Hydra
+    searches trainrun's first, so the user's file would be silently ignored."""
+    user_dirs = [Path(e[len("file://"):]) for e in search_path if e.startswith("file://")]
+    if not user_dirs:
+        return
+    for arg in overrides:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if not eq or "." in key or key.startswith("~"):
+            continue
+        builtin_dir = RECIPES_DIR if key == "recipe" else CONFIGS_DIR / key
+        for name in value.split(","):  # a sweep's choices
+            ours = builtin_dir / f"{name}.yaml"
+            theirs = next((d / key / f"{name}.yaml" for d in user_dirs if (d / key / f"{name}.yaml").is_file()), None)
+            if theirs is not None and ours.is_file():
+                raise ConfigError(f"{key}={name} names both trainrun's own {key} option and yours ({theirs}); "
+                                  "trainrun's is found first and yours would be ignored: rename yours (e.g. "
+                                  f"{key}/my_{name}.yaml) and select {key}=my_{name}")
+
+
+def searchpath_override(entries) -> list:
+    """[`hydra.searchpath=[...]`] for compose() to find the user's options, or [] when there are none."""
+    if not entries:
+        return []
+    quoted = ["'" + e.replace("'", "\\'") + "'" for e in entries]
+    return [f"hydra.searchpath=[{','.join(quoted)}]"]
+
+
 def signal_exit_code(final) -> int:
     """A run stopped by a signal exits 128 + the signal's number (after its checkpoint is complete), so a scheduler
     does not see success; finishing, early stopping and trainer.stop_at_step exit 0."""
@@ -460,10 +548,16 @@ def main() -> None:
     info = distributed.init("cpu" if "trainer.device=cpu" in args else "auto")
     if info.enabled:
         _FIXED_NOW = distributed.broadcast_object(_now())
-    overrides, flags = split_args(args)
+    try:
+        config_dir, rest = split_config_dir(args)
+        search_path = user_search_path(config_dir, rest)
+        overrides, flags = split_args(rest)
+        check_not_shadowed(search_path, overrides)
+    except ConfigError as e:
+        _fail(str(e))
     try:
         if not set(flags) - RUN_FLAGS:  # other flags print help/config or change the config source: Hydra's
-            preflight(overrides, sweep=bool({"-m", "--multirun"} & set(flags)))
+            preflight(overrides, sweep=bool({"-m", "--multirun"} & set(flags)), search_path=search_path)
         hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
     except KeyboardInterrupt:  # outside training, or a second one: a checkpoint being written is dropped whole
         _interrupted()
@@ -477,16 +571,72 @@ def main() -> None:
     sys.exit(code)
 
 
+def _listing_config_dir(prog: str, argv=None) -> Optional[str]:
+    """The --config-dir of a listing command (trainrun-models, trainrun-recipes), checked in one line; it takes no
+    other argument."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(args):
+        print(f"usage: {prog} [--config-dir DIR]   (DIR: your own configs, listed as yours)")
+        sys.exit(0)
+    try:
+        config_dir, rest = split_config_dir(args)
+        if rest:
+            raise ConfigError(f"{prog} takes only --config-dir DIR, not {rest[0]!r}")
+        user_search_path(config_dir, [])
+    except ConfigError as e:
+        _fail(str(e))
+    return config_dir
+
+
+def user_option_files(config_dir: Optional[str], group: str) -> Dict[str, Path]:
+    """name -> file of the user's options of a group (DIR/GROUP/NAME.yaml, DIR as the user typed it)."""
+    if config_dir is None:
+        return {}
+    return {p.stem: p for p in sorted((Path(config_dir) / group).glob("*.yaml"))}
+
+
+def describe_user_option(path: Path, group: str, builtin) -> str:
+    """A listing's description of a user option: whose it is and where, the code it names (its `_target_`s), a
+    built-in model it configures, then its header comment. An option trainrun's own of the same name hides (Hydra
+    searches configs/ first) says so."""
+    from omegaconf import OmegaConf
+
+    from trainrun.usercode import config_targets
+
+    where = f"(yours: {path})"
+    if path.stem in builtin:
+        where = f"(yours: {path}; hidden by trainrun's own {group}={path.stem}: rename the file)"
+    parts = [where]
+    try:
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # noqa: BLE001  (YAML and OmegaConf errors: shown in the row, the listing goes on)
+        node = None
+        parts.append(f"cannot be read: {_one_line(e)}")
+    if isinstance(node, dict):
+        targets = config_targets(node)
+        parts += [f"{k + '.' if k else ''}_target_: {t}" for k, t in targets.items()]
+        if group == "model" and not targets:
+            from trainrun.models import MODELS
+
+            parts.append(MODELS.describe().get(node.get("name"), ""))
+    parts.append(header_comment(path))
+    return " ".join(p for p in parts if p)
+
+
 def list_recipes_main() -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    config_dir = _listing_config_dir("trainrun-recipes")
     table = Table(title="trainrun recipes (trainrun +recipe=NAME)", show_lines=True, expand=True)
     table.add_column("recipe", style="bold", no_wrap=True)
     table.add_column("what it reproduces / measured here", ratio=1)
-    for name, header in recipe_headers().items():
+    headers = recipe_headers()
+    for name, header in headers.items():
         table.add_row(name, escape(header))
+    for name, path in user_option_files(config_dir, "recipe").items():
+        table.add_row(name, escape(describe_user_option(path, "recipe", headers)))
     Console().print(table)
 
 
@@ -498,9 +648,13 @@ def list_models_main() -> None:
 
     from trainrun.models import model_options
 
+    config_dir = _listing_config_dir("trainrun-models")
     table = Table(title="trainrun models (trainrun model=NAME)")
     table.add_column("model", style="bold")
     table.add_column("what it is")
-    for name, doc in model_options(CONFIGS_DIR / "model").items():
+    options = model_options(CONFIGS_DIR / "model")
+    for name, doc in options.items():
         table.add_row(name, escape(doc))
+    for name, path in user_option_files(config_dir, "model").items():
+        table.add_row(name, escape(describe_user_option(path, "model", options)))
     Console().print(table)
