@@ -68,6 +68,13 @@ def test_bad_value_in_a_user_option_fails_in_one_line_before_compute(tmp_path, u
     assert not (tmp_path / "runs").exists() and not (tmp_path / "multirun").exists()
 
 
+def test_a_user_target_that_cannot_be_imported_fails_before_the_run_directory(tmp_path, user_dir):
+    p = run_cli(tmp_path, "--config-dir", "myconfigs", "model=unet", *QUIET, check=False)
+    assert one_error_line(p) == ("model._target_=mypkg.nets.UNet cannot be imported (ModuleNotFoundError: No module "
+                                 "named 'mypkg'); install the package (pip install -e .) or fix the dotted path")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_config_dir_is_one_line(tmp_path):
     p = run_cli(tmp_path, "--config-dir", "nope", "model=wide", check=False)
     assert one_error_line(p) == (f"--config-dir nope: {tmp_path / 'nope'} is not a directory; give the directory "

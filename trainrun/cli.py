@@ -352,6 +352,9 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
     rundir.check_name("run_name", raw.get("run_name"))
     rundir.check_name("sweep_name", raw.get("sweep_name"))
     validate(cfg)
+    from trainrun.usercode import config_targets, import_targets
+
+    import_targets(config_targets(cfg))  # this command's own targets (a resume's stored ones are not imported here)
     if cfg.distillation.name in ("response", "feature"):
         from trainrun import checkpoint
 
