@@ -78,7 +78,8 @@ def test_a_user_target_that_cannot_be_imported_fails_before_the_run_directory(tm
 def test_missing_config_dir_is_one_line(tmp_path):
     p = run_cli(tmp_path, "--config-dir", "nope", "model=wide", check=False)
     assert one_error_line(p) == (f"--config-dir nope: {tmp_path / 'nope'} is not a directory; give the directory "
-                                 "that holds your GROUP/OPTION.yaml files (e.g. myconfigs with myconfigs/model/unet.yaml)")
+                                 "that holds your GROUP/OPTION.yaml files (e.g. myconfigs with "
+                                 "myconfigs/model/unet.yaml)")
     p = list_command(tmp_path, "list_models_main", "--config-dir", "nope")
     assert one_error_line(p).startswith("--config-dir nope: ")
 

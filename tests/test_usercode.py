@@ -314,6 +314,8 @@ class Stream(IterableDataset):
                                                                      'type str; y must be a tensor, int or float'),
     ({"train": xy(4, 3), "val": Pairs(2)}, 'data._target_=pkg.make returns tensors of unequal length for "train": x '
                                            'has 4 samples, y has 3; give one label per sample'),
+    ({"train": (torch.zeros(4, 2), [0, 1, 0, 1]), "val": Pairs(2)}, 'data._target_=pkg.make returns (x, y) for "train" '
+                                                                     'with y a list: an (x, y) pair needs two tensors'),
     ({"train": torch.zeros(4, 2), "val": Pairs(2)}, 'data._target_=pkg.make returns a Tensor for "train": return a '
                                                     'map-style Dataset'),
 ])

@@ -311,6 +311,9 @@ def _as_dataset(part: Any, name: str, where: str) -> Any:
             raise DataError(f'{where} returns tensors of unequal length for "{name}": x has {len(x)} samples, y has '
                             f"{len(y)}; give one label per sample")
         part = TensorDataset(x, y)
+    elif isinstance(part, (tuple, list)) and len(part) == 2 and isinstance(part[0], torch.Tensor):
+        raise DataError(f'{where} returns (x, y) for "{name}" with y a {type(part[1]).__name__}: an (x, y) pair needs '
+                        "two tensors (torch.as_tensor(y))")
     elif not (hasattr(part, "__len__") and hasattr(part, "__getitem__")) or isinstance(part, torch.Tensor):
         raise DataError(f'{where} returns a {type(part).__name__} for "{name}": return a map-style Dataset '
                         "(__len__ and __getitem__) or an (x, y) pair of tensors")
