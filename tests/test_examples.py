@@ -259,7 +259,7 @@ def test_faces_stopped_and_resumed_run_equals_the_uninterrupted_one(trainrun_cli
     assert tally["best"] == max(accuracies) and tally["loss_sum"] > 0
     # the user's code, not a built-in: FaceNet's layers, and LFW's 150 training images (at most 5 batches an epoch)
     weights, meta = _final_checkpoint(straight, 12)
-    assert weights["features.0.weight"].shape == (16, 1, 3, 3) and weights["head.weight"].shape == (1, 64)
+    assert weights["features.0.0.weight"].shape == (16, 1, 3, 3) and weights["head.weight"].shape == (1, 64)
     assert meta["epoch"] >= 2
 
 
