@@ -291,6 +291,8 @@ def _build_callbacks(cfg: DictConfig) -> Callbacks:
     named = {}
     for name, node in (cfg.callbacks or {}).items():
         key = f"callbacks.{name}"
+        if node is None:  # `+callbacks.NAME=null` switches off a callback a resumed run's stored config names
+            continue
         if not isinstance(node, DictConfig) or not node.get("_target_"):
             raise ConfigError(f"{key}: a callback is {{_target_: pkg.module.Callback, ...its arguments}}; got "
                               f"{OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r}")

@@ -243,11 +243,17 @@ SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the rank offset
 USER_CODE_SECTIONS = ("model", "data", "task")  # sections that may name user code with `_target_`
 
 
+def schema() -> DictConfig:
+    """The root schema as Hydra composes into it: the user-code sections take any keys (a `_target_` option
+    carries its factory's own arguments); validate() refuses unknown keys in a section without `_target_`."""
+    node = OmegaConf.structured(TrainrunConfig)
+    for section in USER_CODE_SECTIONS:
+        OmegaConf.set_struct(node[section], False)
+    return node
+
+
 def register_configs() -> None:
-    schema = OmegaConf.structured(TrainrunConfig)
-    for section in USER_CODE_SECTIONS:  # a `_target_` option carries its factory's own keys; validate() refuses
-        OmegaConf.set_struct(schema[section], False)  # unknown keys in sections without one
-    ConfigStore.instance().store(name="trainrun_schema", node=schema)
+    ConfigStore.instance().store(name="trainrun_schema", node=schema())
 
 
 # Choices of the sections config.py checks itself; each component module checks its own section's names (models,

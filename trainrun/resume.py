@@ -97,7 +97,7 @@ def adopt_checkpoint_config(cfg: DictConfig, defaults: DictConfig, overrides: Li
     whole section) and the per-invocation keys (IGNORE_ON_RESUME). So `trainrun resume=RUN` needs no repeat of the
     original overrides or recipe, and `trainrun resume=RUN trainer.max_steps=2000` extends it. The stored config was
     saved resolved: it is taken literally, never resolved again."""
-    from trainrun.config import TrainrunConfig
+    from trainrun.config import schema
 
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
     base = _flatten(OmegaConf.to_container(defaults, resolve=True))
@@ -106,7 +106,7 @@ def adopt_checkpoint_config(cfg: DictConfig, defaults: DictConfig, overrides: Li
     for key, value in new.items():
         if new.get(key) != base.get(key) or _under(key, named) or _under(key, IGNORE_ON_RESUME):
             OmegaConf.update(merged, key, literal(value), force_add=True)
-    return _typed(lambda: OmegaConf.merge(OmegaConf.structured(TrainrunConfig), merged))
+    return _typed(lambda: OmegaConf.merge(schema(), merged))
 
 
 def adopt_trained_sections(cfg: DictConfig, saved: Dict[str, Any], sections) -> DictConfig:

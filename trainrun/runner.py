@@ -60,8 +60,7 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]],
                               "or pick another run_name")
         return cfg, None, resolved
     ckpt_dir, state, meta = load_resume(cfg.resume, cfg)
-    stored = meta["config"]["resolved"]
-    check_stored_code(stored, resolved)
+    stored, named = meta["config"]["resolved"], resolved  # `named`: the code this command names
     changes = []
     if cfg.mode == "train" and defaults is not None:
         cfg = adopt_checkpoint_config(cfg, defaults, list(overrides or []), stored)
@@ -74,17 +73,20 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]],
     if cfg.mode == "eval":  # evaluate the checkpoint as it was trained: its model, data, task and precision
         cfg = adopt_trained_sections(cfg, stored, ("model", "data", "task", "precision"))
         resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_stored_code(resolved, named)
     return cfg, Resumed(ckpt_dir, state, meta, changes), resolved
 
 
-def check_stored_code(stored: dict, resolved: dict) -> None:
-    """The trust rule: every `_target_` of the checkpoint's stored config must be named by this command (its
-    composed config, which includes the user's config directory); the stored config alone never imports code."""
+def check_stored_code(adopted: dict, named: dict) -> None:
+    """The trust rule: every `_target_` the run will import after adopting the checkpoint's stored config must be
+    named by this command (its composed config, or an option file of the user's config directory); the stored
+    config alone never makes trainrun import code. A stored callback switched off (`+callbacks.NAME=null`) is not
+    imported, so it needs no naming."""
     from trainrun import usercode
 
-    named = usercode.config_targets(resolved)
-    named.update(_config_dir_targets())
-    usercode.check_trusted(usercode.config_targets(stored), named)
+    trusted = usercode.config_targets(named)
+    trusted.update(_config_dir_targets())
+    usercode.check_trusted(usercode.config_targets(adopted), trusted)
 
 
 def _config_dir_targets() -> Dict[str, str]:
