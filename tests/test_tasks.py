@@ -170,3 +170,27 @@ def test_each_task_trains_through_the_cli(tmp_path, task, data, monitor, model, 
     meta = json.loads((tmp_path / "runs/t/checkpoints/step_000000040/meta.json").read_text())
     assert meta["config"]["resolved"]["task"]["name"] == task
     assert meta["user_code"]["data"]["target"] == data
+
+
+def test_task_metrics_reduce_across_ranks_as_one_process_computes_them(tmp_path):
+    """2 gloo ranks x batch 16 log the same train/mae and val/* as one process with batch 32 (the sums are
+    all-reduced, not the per-rank means averaged)."""
+    import subprocess
+
+    common = ["task=regression", "data._target_=userpkg.data.diabetes", "checkpoint.monitor=val/r2",
+              "model._target_=userpkg.nets.regressor", "optimizer=sgd", "optimizer.lr=0.05", "trainer.max_steps=10",
+              "trainer.eval_every=5", "trainer.device=cpu", "logger.progress=lines", "logger.log_every=5",
+              "logger.plots=false"]
+    env = {**user_env(), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "trainrun", "run_name=ddp", "data.batch_size=16", *common], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "trainrun", "run_name=one", "data.batch_size=32", *common],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {name: read_jsonl(tmp_path / f"runs/{name}/metrics.jsonl") for name in ("ddp", "one")}
+    for key in ("train/mae", "train/loss", "val/mae", "val/r2"):
+        a = [r[key] for r in rows["ddp"] if key in r]
+        b = [r[key] for r in rows["one"] if key in r]
+        assert len(a) == 2 and a == pytest.approx(b, rel=1e-5), key
