@@ -338,6 +338,9 @@ def check(cfg) -> None:
     checks = SectionChecks(cfg, "data")
     if cfg.get("_target_") is None:  # user data: the factory's arguments are its own business
         checks.one_of("name", DATASETS.names())
+    elif cfg.augment:
+        checks.fail("augment", "trainrun's crop/flip applies to its built-in data only; with data._target_ your "
+                               "dataset augments its own samples (draw from torch's RNG: trainrun seeds it per sample)")
     checks.positive("batch_size", "eval_batch_size", "image_size", "num_samples", "num_classes", "limit_train",
                     "limit_val", "prefetch_factor")
     checks.positive("num_workers", allow_zero=True)
