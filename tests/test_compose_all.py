@@ -300,8 +300,6 @@ def _recipe_choices(recipe: str) -> Dict[str, str]:
             for key, option in entry.items()}
 
 
-@pytest.mark.xfail(strict=True, reason="bug (reported, not fixed here): trainrun.data.user.build_user_split never "
-                                       "applies data.limit_train / data.limit_val, so a user data source is used whole")
 def test_data_limits_apply_to_user_data(in_tmp, trainrun_setup):
     from trainrun.build import build
 

@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from trainrun.data.datasets import Split, TensorSet
+from trainrun.data.datasets import Split, TensorSet, limit
 from trainrun.errors import DataError
 
 
@@ -87,6 +87,7 @@ def build_user_split(cfg, classifies: bool) -> Split:
     schema = [f.name for f in fields(DataConfig)]
     result = usercode.call_factory(cfg, "data._target_", schema, {"split_seed": cfg.split_seed})
     parts = {name: _as_part(ds, name) for name, ds in usercode.as_datasets(result, target=cfg._target_).items()}
+    parts["train"], parts["val"] = limit(parts["train"], cfg.limit_train), limit(parts["val"], cfg.limit_val)
     x0 = parts["train"].x[0] if isinstance(parts["train"], TensorSet) else parts["train"].load(0, 0)[0]
     num_classes = None
     if classifies:
