@@ -333,3 +333,20 @@ def test_as_datasets_sample_that_raises_is_one_line():
     with pytest.raises(DataError) as e:
         as_datasets({"train": Pairs(1), "val": Broken(3)}, key="data")
     assert one_line(e) == 'data._target_: "val"[0] raised KeyError: 0; fix the dataset\'s __getitem__'
+
+
+def test_a_schema_key_left_at_its_default_does_not_override_the_factory_default():
+    """model.width is also the built-in ViT's key (default 192): a user factory's own `width=64` default must win
+    unless the config sets width."""
+    import inspect
+
+    from trainrun.config import ModelConfig
+    from trainrun.usercode import factory_kwargs, schema_defaults
+
+    def net(input_shape, width=64):
+        return width
+
+    sig, defaults = inspect.signature(net), schema_defaults(ModelConfig)
+    untouched = {"_target_": "m.net", **{k: v for k, v in defaults.items() if k != "_target_"}}
+    assert factory_kwargs(untouched, defaults, {"input_shape": (1, 8, 8)}, sig) == {"input_shape": (1, 8, 8)}
+    assert factory_kwargs({**untouched, "width": 32}, defaults, {}, sig) == {"width": 32}

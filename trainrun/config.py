@@ -259,8 +259,6 @@ def register_configs() -> None:
 # Choices of the sections config.py checks itself; each component module checks its own section's names (models,
 # optimizers, schedules and datasets: the names registered in their registries).
 CHOICES = {
-    "init.name": ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-                  "orthogonal", "trunc_normal", "lsuv", "gpt2", "constant", "zeros"),
     "determinism": ("off", "warn", "error"),
     "trainer.parallel": ("ddp", "fsdp2"),
     "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune"),
@@ -315,9 +313,11 @@ def validate(cfg: DictConfig) -> None:
     checks = SectionChecks(cfg, "")
     for key, allowed in CHOICES.items():
         checks.one_of(key, allowed)
+    from trainrun import init
     from trainrun.modes import MODES
 
     checks.one_of("mode", MODES.names())
+    checks.one_of("init.name", (*init.INITS.names(), *init.REFUSED))
     checks.positive("trainer.epochs", "trainer.accumulation_steps", "trainer.max_steps", "trainer.stop_at_step",
                     "init.lsuv_target_var", "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "lr_find.start_lr",
                     "lr_find.end_lr", "lr_find.num_steps", "lr_find.diverge", "trainer.threads")

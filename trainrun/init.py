@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from trainrun.errors import ConfigError
+from trainrun.registry import Registry
 
 log = logging.getLogger("trainrun")
 
@@ -51,25 +52,12 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Ten
                           "mnist5k, synthetic or tensors); choose another init (e.g. init=kaiming_normal) for "
                           "image-file datasets")
     with torch.no_grad():
-        if cfg.name == "lsuv":
-            lsuv_init(model, batch, target_var=cfg.lsuv_target_var, tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters)
-        elif cfg.name == "gpt2":
-            gpt2_init(model, std=cfg.std)
-        elif cfg.name != "default":
+        scheme = INITS.get(cfg.name)
+        if cfg.name in MODEL_SCHEMES:
+            scheme(model, cfg, batch)
+        else:
             for m in _weighted_layers(model):
-                w = m.weight
-                if cfg.name == "xavier_uniform":
-                    nn.init.xavier_uniform_(w)
-                elif cfg.name == "xavier_normal":
-                    nn.init.xavier_normal_(w)
-                elif cfg.name in ("kaiming_uniform", "kaiming_normal"):
-                    _kaiming(w, cfg.name, activation)
-                elif cfg.name == "orthogonal":
-                    nn.init.orthogonal_(w, gain=gain(activation))
-                elif cfg.name == "trunc_normal":
-                    nn.init.trunc_normal_(w, std=cfg.std, a=-2 * cfg.std, b=2 * cfg.std)
-                else:
-                    raise ConfigError(f"init.name={cfg.name!r}: unknown init scheme")
+                scheme(m.weight, cfg, activation)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         if cfg.zero_init_residual:
@@ -236,3 +224,21 @@ def expected_std(scheme: str, fan_in: int, fan_out: int, nonlinearity: str = "re
     if scheme in ("kaiming_uniform", "kaiming_normal"):
         return gain(nonlinearity) / math.sqrt(fan_in)
     raise ValueError(scheme)
+
+
+# init.name -> a scheme. Per-layer schemes re-draw each Linear/Conv weight (biases 0): fn(weight, cfg, activation);
+# whole-model schemes (MODEL_SCHEMES) take fn(model, cfg, batch). constant / zeros are names only to be refused.
+INITS = Registry("init.name")
+INITS.register("default", lambda model, cfg, batch: None, doc="torch's own init of every layer")
+INITS.register("xavier_uniform", lambda w, cfg, act: nn.init.xavier_uniform_(w))
+INITS.register("xavier_normal", lambda w, cfg, act: nn.init.xavier_normal_(w))
+INITS.register("kaiming_uniform", lambda w, cfg, act: _kaiming(w, "kaiming_uniform", act))
+INITS.register("kaiming_normal", lambda w, cfg, act: _kaiming(w, "kaiming_normal", act))
+INITS.register("orthogonal", lambda w, cfg, act: nn.init.orthogonal_(w, gain=gain(act)))
+INITS.register("trunc_normal", lambda w, cfg, act: nn.init.trunc_normal_(w, std=cfg.std, a=-2 * cfg.std,
+                                                                          b=2 * cfg.std))
+INITS.register("lsuv", lambda model, cfg, batch: lsuv_init(model, batch, target_var=cfg.lsuv_target_var,
+                                                           tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters))
+INITS.register("gpt2", lambda model, cfg, batch: gpt2_init(model, std=cfg.std))
+MODEL_SCHEMES = ("default", "lsuv", "gpt2")
+REFUSED = ("constant", "zeros")  # accepted by the validator only to be refused with the symmetry explanation

@@ -12,7 +12,7 @@ import importlib
 import inspect
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from trainrun.errors import ConfigError, DataError
 
@@ -113,8 +113,10 @@ def _signature(fn: Callable) -> Optional[inspect.Signature]:
 def factory_kwargs(values: Dict[str, Any], schema_keys: Iterable[str], offered: Dict[str, Any],
                    sig: Optional[inspect.Signature]) -> Dict[str, Any]:
     """The keyword arguments of a factory: every key of the node except `_target_` and the schema's own keys, plus
-    each schema key and each offered value only when the signature names it (or takes **kwargs). On a clash the
+    each schema key and each offered value only when the signature names it (or takes **kwargs). `schema_keys` may
+    map each key to its schema default: a key at its default is then not passed. On a clash the
     user's own key wins over an offered value, and an offered value over a schema key's default."""
+    defaults = dict(schema_keys) if isinstance(schema_keys, Mapping) else {}
     schema_keys = set(schema_keys)
     params = sig.parameters if sig is not None else {}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -123,7 +125,10 @@ def factory_kwargs(values: Dict[str, Any], schema_keys: Iterable[str], offered: 
         p = params.get(name)
         return takes_any or (p is not None and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
 
-    kwargs = {k: v for k, v in values.items() if k in schema_keys and k != TARGET and wanted(k)}
+    # A schema key still at trainrun's default was not set by the user: the factory's own default applies
+    # (a factory's `width=64` must not become the built-in ViT's width 192).
+    kwargs = {k: v for k, v in values.items() if k in schema_keys and k != TARGET and wanted(k)
+              and (k not in defaults or v != defaults[k])}
     kwargs.update({k: v for k, v in offered.items() if wanted(k)})
     kwargs.update({k: v for k, v in values.items() if k not in schema_keys and k != TARGET})
     return kwargs
@@ -341,3 +346,10 @@ def _check_sample(dataset: Any, name: str, where: str) -> None:
                         "torch.as_tensor in __getitem__)")
     if not isinstance(y, (torch.Tensor, int, float)):
         raise DataError(f'{where}: "{name}"[0] has y of type {type(y).__name__}; y must be a tensor, int or float')
+
+
+def schema_defaults(schema_cls) -> Dict[str, Any]:
+    """{key: default} of a config dataclass (for call_factory's schema_keys)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(schema_cls), resolve=True)

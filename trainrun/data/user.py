@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import fields
 from typing import Any, Optional, Tuple
 
 import torch
@@ -84,7 +83,7 @@ def build_user_split(cfg, classifies: bool) -> Split:
     from trainrun import usercode
     from trainrun.config import DataConfig
 
-    schema = [f.name for f in fields(DataConfig)]
+    schema = usercode.schema_defaults(DataConfig)
     result = usercode.call_factory(cfg, "data._target_", schema, {"split_seed": cfg.split_seed})
     parts = {name: _as_part(ds, name) for name, ds in usercode.as_datasets(result, target=cfg._target_).items()}
     parts["train"], parts["val"] = limit(parts["train"], cfg.limit_train), limit(parts["val"], cfg.limit_val)

@@ -24,14 +24,12 @@ def build_model(cfg, input_shape: Tuple[int, int, int], num_classes: int, dropou
     """A registered model by `model.name`, or the user's `model._target_` factory, which gets its own keys plus
     `input_shape`, `num_classes` and `num_outputs` (what the task needs per sample) if its signature names them."""
     if cfg.get("_target_"):
-        from dataclasses import fields
-
         from trainrun import usercode
         from trainrun.config import ModelConfig
 
         offered = {"input_shape": tuple(input_shape), "num_classes": num_classes,
                    "num_outputs": num_outputs if num_outputs is not None else num_classes}
-        model = usercode.call_factory(cfg, "model._target_", [f.name for f in fields(ModelConfig)], offered)
+        model = usercode.call_factory(cfg, "model._target_", usercode.schema_defaults(ModelConfig), offered)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model._target_={cfg._target_} returned a {type(model).__name__}, not a "
                               "torch.nn.Module; return the model itself")

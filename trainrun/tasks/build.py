@@ -2,8 +2,6 @@
 the data (classes, labels, or the target's shape per sample)."""
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import torch.nn as nn
 
@@ -44,7 +42,7 @@ def _user_loss_or_task(cfg, output_shape):
     from trainrun import usercode
     from trainrun.config import TaskConfig
 
-    made = usercode.call_factory(cfg.task, "task._target_", [f.name for f in fields(TaskConfig)],
+    made = usercode.call_factory(cfg.task, "task._target_", usercode.schema_defaults(TaskConfig),
                                  {"output_shape": output_shape})
     if isinstance(made, Task):
         return made, None
