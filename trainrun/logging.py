@@ -137,13 +137,17 @@ def config_tree(cfg, defaults) -> "Tree":
         if OmegaConf.is_dict(node):
             changed = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
                        if k != "name" and (base is None or OmegaConf.to_container(base, resolve=True).get(k) != v)}
-            if key == "model":
+            target = node.get("_target_")
+            if target:  # user code: its target names it, and trainrun's built-in name means nothing here
+                changed.pop("_target_", None)
+            if key == "model" and not target:
                 factory = MODELS.get(node.get("name")) if node.get("name") in MODELS else None
                 used = getattr(factory, "config_keys", None)
                 changed = {k: v for k, v in changed.items() if used is None or k in used}
             if not changed and "name" not in node:
                 continue
-            label = f"[bold]{key}[/]" + (f": {node.get('name')}" if "name" in node else "")
+            label = f"[bold]{key}[/]" + (f": {escape(target)}" if target else
+                                          f": {node.get('name')}" if "name" in node else "")
             branch = tree.add(label)
             for k, v in changed.items():
                 branch.add(escape(f"{k}: {v}"))
