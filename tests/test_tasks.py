@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from conftest import read_jsonl
+from conftest import read_jsonl, structured
 from trainrun.config import TaskConfig
 from trainrun.errors import ConfigError, DataError
 from trainrun.tasks.classification import Classification
@@ -23,10 +22,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def task_cfg(**values):
-    cfg = OmegaConf.structured(TaskConfig)
-    for k, v in values.items():
-        cfg[k] = v
-    return cfg
+    return structured(TaskConfig, **values)
 
 
 def metrics_in_halves(task, output, target):
