@@ -135,7 +135,7 @@ def val_loss(model, cfg, split) -> float:
 
 
 def fresh_model_and_optimizer(cfg, split):
-    """The model and optimizer exactly as runner.run builds them (seed_everything, build_model, default init)."""
+    """The model and optimizer exactly as trainrun.build builds them (seed_everything, build_model, default init)."""
     from trainrun.models import build_model
     from trainrun.optim import build_optimizer
     from trainrun.regularization import effective_dropout
@@ -157,6 +157,7 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int):
 # ---------------------------------------------------------------------------------------------------- runners
 
 def run_trainrun(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
+    import trainrun.modes.session as session
     import trainrun.runner as runner
     from trainrun.logging import RunLogger
 
@@ -173,14 +174,14 @@ def run_trainrun(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
             super().log(step, metrics)
 
     with tempfile.TemporaryDirectory(prefix="bench-trainrun-") as d:
-        orig, runner.RunLogger = runner.RunLogger, TimedLogger
+        orig, session.RunLogger = session.RunLogger, TimedLogger  # the train mode's session opens the logger
         try:
             run_dir = Path(d) / "run"
             run_dir.mkdir()  # Hydra creates it before calling the task
             with silenced():
                 final = runner.run(cfg, run_dir)
         finally:
-            runner.RunLogger = orig
+            session.RunLogger = orig
     return {**window(marks, warmup, steps), "val_loss": final.get("val/loss")}
 
 

@@ -330,7 +330,7 @@ def test_full_disk_while_plotting_warns_in_one_line_and_the_run_stands(tmp_path)
 
 def test_ctrl_c_before_training_ends_in_one_line(tmp_path):
     # Ctrl-C while the data is being prepared (no stop flag yet: Python's own KeyboardInterrupt)
-    patch = ("import os, signal\nimport trainrun.runner as r\n_orig = r.build_split\n"
+    patch = ("import os, signal\nimport trainrun.build as r\n_orig = r.build_split\n"  # build() loads the data
              "def _build(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    return _orig(*a, **k)\n"
              "r.build_split = _build\n")
     p = _patched_cli(tmp_path, patch, "run_name=early", *SMALL)
