@@ -622,7 +622,8 @@ def describe_user_option(path: Path, group: str, builtin) -> str:
             from trainrun.models import MODELS
 
             parts.append(MODELS.describe().get(node.get("name"), ""))
-    parts.append(header_comment(path))
+    header = header_comment(path)  # a recipe's items stay paragraphs; an option's comment is one description
+    parts.append(header if group == "recipe" else header.replace("\n", " "))
     return " ".join(p for p in parts if p)
 
 
