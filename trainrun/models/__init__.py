@@ -106,7 +106,10 @@ def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_c
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{_label(name)} on inputs of shape {shape} returns {got}, not [1, {num_classes}] "
-                          "(one logit per class); the model's head does not fit data.num_classes")
+                          "(one logit per class); " + ("give the model's last layer num_classes outputs (a factory "
+                                                       "that names num_classes in its signature receives it)"
+                                                       if "_target_" in _label(name) else
+                                                       "the model's head does not fit data.num_classes"))
 
 
 def _label(name: str) -> str:
