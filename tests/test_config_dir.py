@@ -166,3 +166,25 @@ def test_check_not_shadowed_only_for_a_selected_clash(tmp_path):
     check_not_shadowed([], ["model=cnn"])
     with pytest.raises(ConfigError, match=r"^model=cnn names both trainrun's own model option and yours"):
         check_not_shadowed(search, ["model=mlp,cnn"])
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config-dir", "x", "+recipe=faces", "-m", "seed=0,1"], ["--config-dir", "x", "-m", "+recipe=faces", "seed=0,1"]),
+    (["a=1", "--cfg", "job", "b=2", "--info", "c=3"], ["--cfg", "job", "--info", "a=1", "b=2", "c=3"]),
+    (["a=1", "--info", "searchpath", "~b", "-cd=y"], ["--info", "searchpath", "-cd=y", "a=1", "~b"]),
+])
+def test_hydra_options_go_before_the_overrides(args, expected):
+    from trainrun.cli import flags_first
+
+    assert flags_first(args) == expected
+
+
+def test_an_option_between_overrides_is_not_a_usage_error(tmp_path):
+    """Hydra's argparse stops at overrides after an option (`trainrun +recipe=x -m seed=0,1` was a usage error)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "trainrun", "model=mlp", "--cfg", "job", "optimizer=sgd"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "name: sgd" in p.stdout and "name: mlp" in p.stdout

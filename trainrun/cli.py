@@ -436,6 +436,34 @@ def split_args(args):
     return overrides, flags
 
 
+def flags_first(args):
+    """The command line with Hydra's own options (and their values) ahead of the overrides, order kept within each:
+    Hydra's argparse takes the overrides as one positional list, so `trainrun +recipe=x -m seed=0,1` would stop at
+    `-m` with a usage error instead of sweeping."""
+    from hydra._internal.utils import get_args_parser
+
+    takes = {}  # option string -> 0 (a switch), 1 (one value) or "?" (an optional value)
+    for action in get_args_parser()._actions:
+        for option in action.option_strings:
+            takes[option] = action.nargs if action.nargs in (0, "?") else 1
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        option, eq, _ = arg.partition("=")
+        if option not in takes:
+            overrides.append(arg)
+        else:
+            flags.append(arg)
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            wants = takes[option] == 1 or (takes[option] == "?" and nxt is not None
+                                            and not nxt.startswith(("-", "+", "~")) and "=" not in nxt)
+            if not eq and wants and nxt is not None:
+                flags.append(nxt)
+                i += 1
+        i += 1
+    return flags + overrides
+
+
 CONFIG_DIR_FLAGS = ("--config-dir", "-cd")
 
 
@@ -561,6 +589,7 @@ def main() -> None:
     try:
         if not set(flags) - RUN_FLAGS:  # other flags print help/config or change the config source: Hydra's
             preflight(overrides, sweep=bool({"-m", "--multirun"} & set(flags)), search_path=search_path)
+        sys.argv[1:] = flags_first(sys.argv[1:])
         hydra.main(config_path=str(CONFIGS_DIR), config_name="config", version_base="1.3")(_task)()
     except KeyboardInterrupt:  # outside training, or a second one: a checkpoint being written is dropped whole
         _interrupted()
