@@ -188,8 +188,7 @@ def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, 
         n += len(y)
     model.train(was_training)
     if not sums:  # an empty stream
-        return {name: float("nan") for name in eval_metric_names(False, tuple(f"val/{m}" for m in
-                                                                             task.metric_names(task.cfg)))}
+        return {f"val/{name}": float("nan") for name in task.metric_names(task.cfg)}
     return task.eval_metrics(sums, n)
 
 

@@ -19,9 +19,6 @@ class Regression(Task):
     def metric_names(cfg) -> Tuple[str, ...]:
         return ("loss", "mae", "rmse", "r2")
 
-    def output_meaning(self) -> str:
-        return "one output per target value"
-
     def accepted_output_shapes(self) -> Sequence[Tuple[int, ...]]:
         return (self.output_shape, (1,)) if self.output_shape == () else (self.output_shape,)
 

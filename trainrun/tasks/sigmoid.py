@@ -70,9 +70,6 @@ class Binary(SigmoidTask):
     def accepted_output_shapes(self) -> Sequence[Tuple[int, ...]]:
         return ((), (1,))
 
-    def shape_output(self, output, target):
-        return output.reshape(target.shape)
-
     def check_targets(self, y: torch.Tensor, what: str) -> None:
         if y.ndim != 1 and not (y.ndim == 2 and y.shape[1] == 1):
             raise DataError(f"{what}: task=binary needs one 0/1 target per sample, got shape {list(y.shape[1:])} per "
