@@ -330,7 +330,10 @@ def test_full_disk_while_plotting_warns_in_one_line_and_the_run_stands(tmp_path)
 
 def test_ctrl_c_before_training_ends_in_one_line(tmp_path):
     # Ctrl-C while the data is being prepared (no stop flag yet: Python's own KeyboardInterrupt)
-    patch = ("import os, signal\nimport trainrun.build as r\n_orig = r.build_split\n"  # build() loads the data
+    # A terminal's Ctrl-C: SIGINT at Python's default even when the test runner was started with it ignored (a
+    # background job without job control inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler).
+    patch = ("import os, signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             "import trainrun.build as r\n_orig = r.build_split\n"  # build() loads the data
              "def _build(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    return _orig(*a, **k)\n"
              "r.build_split = _build\n")
     p = _patched_cli(tmp_path, patch, "run_name=early", *SMALL)
