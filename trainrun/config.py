@@ -38,6 +38,10 @@ class ModelConfig:
     layers: int = 12  # vit: transformer blocks
     heads: int = 3  # vit: attention heads
     mlp_ratio: float = 4.0  # vit: MLP hidden = width * mlp_ratio
+    arch: str = ""  # model=torchvision / model=timm: the zoo's model name (e.g. resnet18); its head fits the data
+    pretrained: bool = False  # zoo models: the zoo's pretrained weights, from its local cache (never downloaded)
+    weights: Optional[str] = None  # start from these weights: a trainrun run/checkpoint dir, a .pt state_dict or .safetensors
+    weights_strict: bool = False  # refuse any mismatch but the replaced head's (missing, unexpected, other shapes)
 
 
 @dataclass
@@ -126,6 +130,23 @@ class DistillationConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Which parameters train (trainrun/finetune.py): freezing, gradual unfreezing, layer-wise LR decay, LoRA."""
+    name: str = "off"  # the preset this came from: off | full | linear_probe | gradual | layer_decay | lora
+    freeze: List[str] = field(default_factory=list)  # parameter-name globs frozen ('*': all; '@head': the classifier)
+    train: List[str] = field(default_factory=list)  # globs kept trainable although `freeze` matches them
+    unfreeze_at: Dict[str, int] = field(default_factory=dict)  # glob -> epoch (or step) at which it starts training
+    unfreeze_unit: str = "epoch"  # epoch | step: the unit of unfreeze_at
+    freeze_bn: bool = True  # BatchNorm layers whose parameters are all frozen stay in eval mode (running stats kept)
+    layer_decay: Optional[float] = None  # layer-wise LR decay (timm's semantics): layer i of L gets decay**(L-1-i)
+    head_lr: Optional[float] = None  # the classifier's LR (before the schedule); null: optimizer.lr (x layer decay)
+    lora_rank: int = 0  # > 0: LoRA adapters (peft) on the Linear/Conv2d modules lora_targets names; base frozen
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: List[str] = field(default_factory=list)  # module-name globs; []: every Linear and Conv2d but the head
+
+
+@dataclass
 class DataConfig:
     _target_: Optional[str] = None  # user code: a factory returning train/val(/test) datasets or tensors
     name: str = "digits"  # digits | mnist5k | synthetic | tensors | cifar10 | imagefolder
@@ -142,6 +163,7 @@ class DataConfig:
     augment: bool = False  # random crop + horizontal flip; digits/mnist5k: crop only (a flipped digit is another glyph)
     limit_train: Optional[int] = None  # use only the first N training samples (smoke runs)
     limit_val: Optional[int] = None
+    resize: Optional[int] = None  # digits / mnist5k / tensors: resize images to this square size (bilinear)
     # synthetic: Gaussian class clusters, for tests and benchmarks
     num_samples: int = 1024
     num_classes: Optional[int] = None  # model outputs; default: inferred from the labels (synthetic: 10)
@@ -221,6 +243,7 @@ class TrainrunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
