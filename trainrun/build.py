@@ -87,6 +87,10 @@ class Run:
     total: int = 0
     steps_per_epoch: int = 1
     global_batch: int = 0
+    finetuner: Any = None  # trainrun.finetune.Finetuner: which parameters train, LoRA, the unfreeze stages
+    weights: Optional[Dict[str, Any]] = None  # where the starting weights came from (meta.json's "weights")
+    lr_layers: Dict[str, Any] = field(default_factory=dict)  # parameter name -> LR layer (layer decay, head_lr)
+    lr_scales: Dict[Any, float] = field(default_factory=dict)  # LR layer -> factor on the LR
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -133,14 +137,17 @@ def build(cfg: DictConfig, run_dir: Path, resumed: Optional[Resumed] = None,
                                    info.is_main) if resumed and cfg.mode == "train" else None
     if cfg.doctor.fault == "permuted_labels":
         permute_labels(split.train, cfg.seed)
-    model = _build_model(cfg, split, task, device)
+    model, finetuner, weights = _build_model(cfg, split, task, device, info, resumed)
     parallel = cfg.trainer.parallel if info.enabled else "none"
     if parallel == "fsdp2" and cfg.regularization.ema_decay > 0:
         raise ConfigError("regularization.ema_decay with trainer.parallel=fsdp2 is not supported yet (the EMA copy "
                           "would be sharded); use trainer.parallel=ddp or ema_decay=0")
     net = distributed.wrap(model, parallel, info, device, DTYPES[cfg.precision.name], cfg.trainer.sync_batchnorm)
-    run = _build_training(cfg, run_dir, info, device, split, task, model, net, parallel)
+    run = _build_training(cfg, run_dir, info, device, split, task, model, net, parallel, finetuner)
     run.resumed, run.data_changed_from = resumed, data_changed_from
+    run.weights = weights if weights is not None or resumed is None else resumed.meta.get("weights")
+    if resumed and finetuner is not None:  # the checkpoint's optimizer has the groups of the stages already due
+        _unfreeze_due(run, _saved_step(resumed.state))
     run.resolved = resolved if resolved is not None else OmegaConf.to_container(cfg, resolve=True)
     _register_parts(run)
     if resumed:  # everything the checkpoint holds fits this run, before any of it is used
@@ -167,7 +174,10 @@ def _build_data_and_task(cfg: DictConfig, device: torch.device):
     return split, task
 
 
-def _build_model(cfg: DictConfig, split, task: Task, device: torch.device) -> nn.Module:
+def _build_model(cfg: DictConfig, split, task: Task, device: torch.device, info, resumed: Optional[Resumed]):
+    """The model with its init, its starting weights (model.pretrained / model.weights; not when resuming: the
+    checkpoint holds the weights) and its finetune setup (frozen parameters, LoRA), on `device`.
+    Returns (model, finetuner or None, the weights' provenance or None)."""
     dropout = effective_dropout(cfg.regularization, cfg.model)
     classes = split.num_classes if split.num_classes is not None else task.num_outputs
     if not cfg.model.get("_target_"):  # a user model is not built twice (its factory may be slow or stateful)
@@ -175,13 +185,58 @@ def _build_model(cfg: DictConfig, split, task: Task, device: torch.device) -> nn
     model = build_model(cfg.model, split.input_shape, classes, dropout, num_outputs=task.num_outputs)
     check_forward(model, model_label(cfg.model), split.input_shape, classes, task)
     apply_init(model, cfg.init, cfg.model.activation, batch=sample_inputs(split.train, cfg.data.batch_size))
+    weights = None
+    if resumed is None and (cfg.model.get("pretrained") or cfg.model.get("weights")):
+        from trainrun.models.weights import load_initial_weights
+
+        weights = load_initial_weights(model, cfg.model, split.input_shape[0])
     if cfg.regularization.stochastic_depth > 0:
         add_stochastic_depth(model, cfg.regularization.stochastic_depth)
+    finetuner = _build_finetuner(cfg, model, len(split.train), info)
     model.to(device, memory_format=torch.channels_last) if cfg.trainer.channels_last else model.to(device)
     if device.type == "cuda" and hasattr(split.train, "x"):  # small in-memory sets live on the GPU
         for ds in (split.train, split.val):
             ds.x, ds.y = ds.x.to(device), ds.y.to(device)
-    return model
+    return model, finetuner, weights
+
+
+def _build_finetuner(cfg: DictConfig, model: nn.Module, train_samples: int, info):
+    """finetune.*: freeze, LoRA, the unfreeze stages (None when the section asks for nothing)."""
+    ft = cfg.finetune
+    if not (ft.freeze or ft.unfreeze_at or ft.lora_rank > 0):
+        return None
+    from trainrun.finetune import Finetuner
+
+    if cfg.finetune.unfreeze_at and info.enabled:
+        raise ConfigError("finetune.unfreeze_at under torchrun is not supported yet (DDP registers the trainable "
+                          "parameters when it wraps the model); unfreeze in a single-process run or drop it")
+    batches = train_samples // (cfg.data.batch_size * info.world)  # what BatchStream gives per epoch
+    finetuner = Finetuner(cfg.finetune, model, max(1, batches // cfg.trainer.accumulation_steps))
+    finetuner.prepare()
+    return finetuner
+
+
+def _saved_step(state: Dict[str, Any]) -> int:
+    """The optimizer steps a checkpoint had taken (check_state vets the value; here only what is usable)."""
+    trainer = state.get("trainer") if isinstance(state, dict) else None
+    step = trainer.get("step") if isinstance(trainer, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
+
+
+def _unfreeze_due(run: "Run", step: int) -> None:
+    """Unfreeze every stage due at `step`: its parameters train from this step on, in new optimizer groups."""
+    from trainrun.optim import add_param_groups
+
+    finetuner = run.finetuner
+    for stage in finetuner.due(step):
+        params = finetuner.unfreeze(stage)
+        names = {n for n, p in run.model.named_parameters() if any(p is q for q in params)}
+        added = add_param_groups(run.optimizer, run.model, run.cfg.optimizer, names, run.global_batch,
+                                 run.lr_layers, run.lr_scales, label=f"[unfrozen@{stage[0]}]")
+        run.trainer.params = [p for p in run.model.parameters() if p.requires_grad]
+        log.info("finetune: step %d: %d parameter tensors unfreeze (%s params) into %d new optimizer groups",
+                 step, len(params), f"{sum(p.numel() for p in params):,}", added)
+    run.schedule.apply(run.optimizer, step)  # the new groups' LR for the coming step
 
 
 def _streams(cfg: DictConfig, split, info, device: torch.device) -> Tuple[BatchStream, BatchStream]:
@@ -194,7 +249,7 @@ def _streams(cfg: DictConfig, split, info, device: torch.device) -> Tuple[BatchS
     return train, val
 
 
-def _build_training(cfg, run_dir, info, device, split, task, model, net, parallel) -> Run:
+def _build_training(cfg, run_dir, info, device, split, task, model, net, parallel, finetuner=None) -> Run:
     acc, reg = cfg.trainer.accumulation_steps, cfg.regularization
     global_batch = cfg.data.batch_size * acc * info.world
     train, val = _streams(cfg, split, info, device)
@@ -205,7 +260,8 @@ def _build_training(cfg, run_dir, info, device, split, task, model, net, paralle
     total = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
     curriculum = Curriculum(cfg.curriculum, len(split.train), max(1, math.ceil(total / steps_per_epoch) - 1),
                             cfg.seed, getattr(split.train, "difficulty", None))
-    optimizer = build_optimizer(model, cfg.optimizer, global_batch)
+    lr_layers, lr_scales = _lr_layers(cfg, model, finetuner)
+    optimizer = build_optimizer(model, cfg.optimizer, global_batch, lr_layers, lr_scales)
     schedule = Schedule(cfg.schedule, total, steps_per_epoch, monitor_mode=cfg.checkpoint.monitor_mode)
     precision = PrecisionPolicy(cfg.precision, device)
     augment = BatchAugment(reg, split.num_classes)  # validate() allows MixUp/CutMix only for tasks that mix targets
@@ -220,7 +276,13 @@ def _build_training(cfg, run_dir, info, device, split, task, model, net, paralle
                       world=info.world, zero_grad=cfg.doctor.fault != "no_zero_grad",
                       channels_last=cfg.trainer.channels_last, task=task)
     run = Run(cfg, Path(run_dir), info, device, split, task, model, net, parallel, trainer, curriculum, early,
-              None, _build_callbacks(cfg), {}, total=total, steps_per_epoch=steps_per_epoch, global_batch=global_batch)
+              None, _build_callbacks(cfg), {}, total=total, steps_per_epoch=steps_per_epoch, global_batch=global_batch,
+              finetuner=finetuner, lr_layers=lr_layers, lr_scales=lr_scales)
+    if finetuner is not None and finetuner.stages:
+        if finetuner.steps_per_epoch != steps_per_epoch:
+            raise AssertionError(f"finetune stages planned for {finetuner.steps_per_epoch} steps per epoch, "
+                                 f"the run has {steps_per_epoch}")
+        trainer.before_step = lambda step: _unfreeze_due(run, step) if finetuner.due(step) else None
     run.doctor = _build_doctor(run)
     torch.autograd.set_detect_anomaly(bool(cfg.doctor.detect_anomaly))
     if info.enabled:
@@ -230,6 +292,18 @@ def _build_training(cfg, run_dir, info, device, split, task, model, net, paralle
     if curriculum.enabled:
         train.order_fn = _curriculum_order(run)
     return run
+
+
+def _lr_layers(cfg: DictConfig, model: nn.Module, finetuner) -> Tuple[Dict[str, Any], Dict[Any, float]]:
+    """finetune.layer_decay / head_lr: each parameter's LR layer and each layer's factor (trainrun.optim)."""
+    ft = cfg.finetune
+    if ft.layer_decay is None and ft.head_lr is None:
+        return {}, {}
+    from trainrun.finetune import head_names, layer_ids
+    from trainrun.optim import layer_lr_scales
+
+    ids, num_layers = layer_ids(model) if ft.layer_decay is not None else ({}, 1)
+    return layer_lr_scales(ids, num_layers, ft.layer_decay, head_names(model), ft.head_lr, cfg.optimizer.lr)
 
 
 def _build_doctor(run: Run) -> Optional[Doctor]:
@@ -268,7 +342,7 @@ def _attach_distiller(run: Run) -> None:
     if len(distiller.proj):
         run.optimizer.add_param_group({"params": list(distiller.proj.parameters()), "name": "distill_proj",
                                        "decay": True})
-        apply_hparams(run.optimizer, cfg.optimizer, run.global_batch)
+        apply_hparams(run.optimizer, cfg.optimizer, run.global_batch, run.lr_scales)
 
 
 def _curriculum_order(run: Run) -> Callable[[int], torch.Tensor]:
@@ -311,7 +385,7 @@ def _register_parts(run: Run) -> None:
         except ValueError as e:
             raise ConfigError(f"resume refused: the optimizer state does not fit this config ({e}); resume with the "
                               "checkpoint's optimizer settings or start a new run") from e
-        apply_hparams(optimizer, cfg.optimizer, run.global_batch)  # a changed LR/decay takes effect
+        apply_hparams(optimizer, cfg.optimizer, run.global_batch, run.lr_scales)  # a changed LR/decay takes effect
 
     def load_trainer(value, state):
         trainer.state = TrainState(**value)

@@ -372,6 +372,10 @@ def _check_across_sections(cfg: DictConfig, checks: SectionChecks) -> None:
     if not 0 <= cfg.seed <= SEED_MAX:
         checks.fail("seed", "must be an integer in [0, 2**63 - 1] (what torch.manual_seed takes), e.g. seed=0")
     _check_task_fits(cfg, checks)
+    if (cfg.model.get("pretrained") or cfg.model.get("weights")) and \
+            (cfg.init.name != "default" or cfg.init.zero_init_residual or cfg.init.zero_init_head):
+        checks.fail("init.name", "would overwrite the starting weights (model.pretrained / model.weights are loaded "
+                                 "after the init): use init=default with them")
     names = eval_metric_names(cfg.regularization.ema_decay > 0, task_metric_names(cfg))
     if cfg.checkpoint.monitor not in names:
         checks.fail("checkpoint.monitor", f"evaluation logs only {', '.join(names)}"

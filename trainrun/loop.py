@@ -66,6 +66,7 @@ class Trainer:
     task: Optional[Task] = None  # the loss and the metrics' sums (trainrun.tasks); None: classification by loss_fn
     state: TrainState = field(default_factory=TrainState)
     params: List[torch.Tensor] = field(default_factory=list)  # trainable parameters, listed once
+    before_step: Optional[Callable[[int], None]] = None  # called with the steps done before each step (unfreezing)
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -208,6 +209,8 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
     seen, steps_in_window, norm = 0, 0, None
     window_start = time.perf_counter()
     while t.state.step < stop_at:
+        if t.before_step is not None:
+            t.before_step(t.state.step)
         is_log_step = (t.state.step + 1) % log_every == 0 or t.state.step + 1 == stop_at
         out = train_step(t, batches, want_norm=is_log_step)
         if not out["skipped"]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from fnmatch import fnmatchcase
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -119,11 +119,16 @@ def match_multiplier(name: str, multipliers: Dict[str, float]) -> Optional[str]:
     return None
 
 
-def param_groups(model: nn.Module, cfg) -> List[Dict]:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def param_groups(model: nn.Module, cfg, layers: Optional[Dict[str, Any]] = None,
+                 only: Optional[set] = None) -> List[Dict]:
+    """The trainable parameters (or those named in `only`) split into groups by (decayed?, lr_multipliers pattern,
+    LR layer). `layers`: parameter name -> its LR layer from finetune (a layer id under layer-wise decay, "head"
+    with finetune.head_lr); the group records it as `lr_layer`, and apply_hparams scales its LR by it."""
+    layers = layers or {}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (only is None or n in only)]
     names = [n for n, _ in params]
     mults = _multipliers(cfg)
-    for pattern in mults:
+    for pattern in mults if only is None else ():
         if not any(fnmatchcase(n, pattern) for n in names):
             examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
             raise ConfigError(f"optimizer.lr_multipliers: pattern {pattern!r} matches no parameter; parameter "
@@ -132,38 +137,87 @@ def param_groups(model: nn.Module, cfg) -> List[Dict]:
     skip = no_decay_names(model) if cfg.no_decay_norm_bias else set()
     groups: Dict[tuple, Dict] = {}
     for n, p in params:
-        decay = n not in skip
-        pattern = match_multiplier(n, mults)
-        key = (decay, pattern)
+        decay, pattern, layer = n not in skip, match_multiplier(n, mults), layers.get(n)
+        key = (decay, pattern, str(layer))
         if key not in groups:
             base = "all" if not cfg.no_decay_norm_bias else ("decay" if decay else "no_decay")
-            groups[key] = {"params": [], "name": base if pattern is None else f"{base}[{pattern}]",
-                           "decay": decay, "lr_pattern": pattern,
+            suffix = "" if pattern is None else f"[{pattern}]"
+            suffix += "" if layer is None else f"[layer {layer}]"
+            groups[key] = {"params": [], "name": base + suffix, "decay": decay, "lr_pattern": pattern,
                            "lr_mult": 1.0 if pattern is None else mults[pattern]}
+            if layer is not None:  # only then: a run without finetune keeps its checkpoint bytes
+                groups[key]["lr_layer"] = layer
         groups[key]["params"].append(p)
     # Unscaled groups first (param_groups[0] is the one the logs and the run header show), decayed before
-    # not decayed, then in order of first appearance: stable across runs of the same model and config.
-    return sorted(groups.values(), key=lambda g: (g["lr_pattern"] is not None, not g["decay"]))
+    # not decayed, then by LR layer from the top (the head) down, then in order of first appearance: stable
+    # across runs of the same model and config.
+    return sorted(groups.values(), key=lambda g: (g["lr_pattern"] is not None, _layer_order(g.get("lr_layer")),
+                                                 not g["decay"]))
 
 
-def apply_hparams(optimizer: torch.optim.Optimizer, cfg, global_batch: int) -> None:
-    """Write the config's hyperparameters into every group (also after loading a checkpoint's state)."""
+def _layer_order(layer: Any) -> tuple:
+    if layer is None:
+        return (0, 0)
+    return (1, 0) if layer == "head" else (2, -int(layer))
+
+
+def layer_lr_scales(layer_ids: Dict[str, int], num_layers: int, decay: Optional[float], head: List[str],
+                    head_lr: Optional[float], lr: float) -> Tuple[Dict[str, Any], Dict[Any, float]]:
+    """(parameter name -> LR layer, LR layer -> factor on the LR). Layer-wise decay as timm: layer i of L gets
+    decay ** (L - 1 - i), the last layer (the head) 1. finetune.head_lr gives the head its own LR: head_lr / lr
+    times the optimizer's LR (so it follows the schedule and the batch scaling like every group)."""
+    layers: Dict[str, Any] = {}
+    scales: Dict[Any, float] = {}
+    if decay is not None:
+        layers = {name: layer_ids.get(name, num_layers - 1) for name in layer_ids}
+        scales = {i: decay ** (num_layers - 1 - i) for i in range(num_layers)}
+    if head_lr is not None:
+        layers.update({name: "head" for name in head})
+        scales["head"] = head_lr / lr
+    return layers, scales
+
+
+def apply_hparams(optimizer: torch.optim.Optimizer, cfg, global_batch: int,
+                  lr_scales: Optional[Dict[Any, float]] = None) -> None:
+    """Write the config's hyperparameters into every group (also after loading a checkpoint's state).
+    `lr_scales`: LR layer -> factor (layer_lr_scales); a group's LR is lr * its multiplier * its layer's factor."""
     lr = effective_lr(cfg, global_batch)
     mults = _multipliers(cfg)
     for g in optimizer.param_groups:
         pattern = g.get("lr_pattern")
         mult = mults.get(pattern, 1.0) if pattern is not None else 1.0
+        layer = g.get("lr_layer")
+        scale = (lr_scales or {}).get(layer, 1.0) if layer is not None else 1.0
         g["lr_mult"] = mult
-        g["base_lr"] = lr * mult
-        g["lr"] = lr * mult
+        if layer is not None:
+            g["lr_scale"] = scale
+        g["base_lr"] = lr * mult * scale
+        g["lr"] = lr * mult * scale
         g["weight_decay"] = cfg.weight_decay if g.get("decay", True) else 0.0
         g.update(OPTIMIZERS.get(cfg.name).hyperparameters(cfg))
 
 
-def build_optimizer(model: nn.Module, cfg, global_batch: int) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
+def add_param_groups(optimizer: torch.optim.Optimizer, model: nn.Module, cfg, names: set, global_batch: int,
+                     layers: Optional[Dict[str, Any]] = None, lr_scales: Optional[Dict[Any, float]] = None,
+                     label: str = "") -> int:
+    """Gradual unfreezing: the parameters `names` (now trainable) join the optimizer as new groups, split and
+    configured like the first ones. Returns the number of groups added."""
+    groups = param_groups(model, cfg, layers, only=names)
+    for g in groups:
+        g["name"] += label
+        optimizer.add_param_group(g)
+    apply_hparams(optimizer, cfg, global_batch, lr_scales)
+    return len(groups)
+
+
+def build_optimizer(model: nn.Module, cfg, global_batch: int, layers: Optional[Dict[str, Any]] = None,
+                    lr_scales: Optional[Dict[Any, float]] = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, layers)
+    if not groups:
+        raise ConfigError("every parameter is frozen (finetune.freeze) and nothing is left to train; keep some "
+                          "trainable with finetune.train (e.g. finetune.train=[@head]) or add LoRA adapters")
     lr = effective_lr(cfg, global_batch)
     factory = OPTIMIZERS.get(cfg.name)
     opt = factory.torch_class(groups, lr=lr, **factory.hyperparameters(cfg))
-    apply_hparams(opt, cfg, global_batch)
+    apply_hparams(opt, cfg, global_batch, lr_scales)
     return opt

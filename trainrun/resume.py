@@ -25,7 +25,9 @@ log = logging.getLogger("trainrun")
 
 # Keys whose change makes a checkpoint unusable (a section, or one key of it), and keys that never matter for a
 # resume.
-REFUSE_ON_CHANGE = ("model", "precision", "optimizer.name", "task.name", "task._target_")
+REFUSE_ON_CHANGE = ("model", "precision", "optimizer.name", "task.name", "task._target_", "finetune.freeze",
+                    "finetune.train", "finetune.unfreeze_at", "finetune.unfreeze_unit", "finetune.lora_rank",
+                    "finetune.lora_targets")
 IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name", "sweep_name")
 _GROUPS = ("model", "optimizer", "precision")  # a changed `<group>.name` is undone with `<group>=<name>`
 
@@ -53,10 +55,27 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
 _SECTIONS_ADDED = {"task": {"_target_": None, "name": "classification"}, "callbacks": {}}
 
 
+def _schema_defaults() -> Dict[str, Any]:
+    from trainrun.config import TrainrunConfig
+
+    return OmegaConf.to_container(OmegaConf.structured(TrainrunConfig))
+
+
+def _fill_missing(saved: Any, defaults: Any) -> Any:
+    """The stored config with every key it lacks at the schema's default: a checkpoint written before a key
+    existed was trained with the key's default, so that key did not change."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = dict(saved)
+    for key, value in defaults.items():
+        out[key] = _fill_missing(out[key], value) if key in out else value
+    return out
+
+
 def check_resume_compatible(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     old = {**{k: (dict(v) if k != "task" else {**new.get("task", {}), **v}) for k, v in _SECTIONS_ADDED.items()
               if k not in old}, **old}
-    changes = config_changes(old, new)
+    changes = config_changes(_fill_missing(old, _schema_defaults()), new)
     refused = [c for c in changes if _under(c[0], REFUSE_ON_CHANGE)]
     if refused:
         k, a, b = refused[0]

@@ -114,10 +114,23 @@ def _tensor_augment(shape: Tuple[int, int, int], flip: bool) -> Callable:
     return augment
 
 
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """data.resize: every image to size x size, bilinear (antialiased when shrinking), before the split and the
+    standardisation, so the fingerprint and the statistics are those of the images the model sees."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    shrinking = size < min(x.shape[-2:])
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking).contiguous()
+
+
 def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize: bool = True,
                   difficulty: Optional[torch.Tensor] = None, flip: bool = True) -> Split:
     """`flip`: whether data.augment may flip images horizontally (not for digits: a mirrored digit is another glyph)."""
     check_tensor_data(name, x, y)
+    if cfg.get("resize"):
+        x = _resize(x, int(cfg.resize))
     if difficulty is not None and (difficulty.ndim != 1 or len(difficulty) != len(y)):
         raise DataError(f"{name}: 'difficulty' has shape {tuple(difficulty.shape)}; it needs one value per sample")
     tr, va = _random_split(len(y), cfg.val_fraction, cfg.split_seed)
@@ -341,7 +354,7 @@ def check(cfg) -> None:
     elif cfg.augment:
         checks.fail("augment", "trainrun's crop/flip applies to its built-in data only; with data._target_ your "
                                "dataset augments its own samples (draw from torch's RNG: trainrun seeds it per sample)")
-    checks.positive("batch_size", "eval_batch_size", "image_size", "num_samples", "num_classes", "limit_train",
+    checks.positive("batch_size", "eval_batch_size", "image_size", "resize", "num_samples", "num_classes", "limit_train",
                     "limit_val", "prefetch_factor")
     checks.positive("num_workers", allow_zero=True)
     checks.unit("val_fraction")
@@ -356,6 +369,8 @@ def check(cfg) -> None:
         checks.fail("num_classes", f"more than {MAX_CLASSES:,} classes is refused (the classifier head alone would "
                                    f"hold {classes:,} x width weights); set the number of classes the labels really "
                                    "have")
+    if cfg.get("resize") and cfg.get("_target_") is None and cfg.name in ("cifar10", "imagefolder"):
+        checks.fail("resize", f"data={cfg.name} reads image files: set their size with data.image_size")
     if cfg.augment and cfg.name == "synthetic":
         checks.fail("augment", "data=synthetic is Gaussian class clusters with no image structure to crop or flip; "
                                "drop data.augment=true")
@@ -382,7 +397,10 @@ def build_split(cfg, classifies: bool = True) -> Split:
     """A built-in data source's train/val split; `classifies`: its labels are class indices of a multiclass task
     (checked here: at least 2 classes, data.num_classes); other tasks check their targets themselves."""
     split = DATASETS.get(cfg.name)(cfg)
+    sizes = len(split.train), len(split.val)
     split.train, split.val = limit(split.train, cfg.limit_train), limit(split.val, cfg.limit_val)
+    if (len(split.train), len(split.val)) != sizes:
+        split.description += f" (limited to the first {len(split.train)} train / {len(split.val)} val)"
     if not classifies:
         split.num_classes = None
         return split

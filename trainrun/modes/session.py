@@ -52,6 +52,8 @@ def _print_header(run: Run, logger: RunLogger, cleared) -> None:
         logger.print(config_tree(cfg, OmegaConf.structured(TrainrunConfig)))
     logger.print(f"data: {run.split.description}")
     logger.print(_memory_line(run))
+    for line in _finetune_lines(run):
+        logger.print(line)
     n_params = sum(p.numel() for p in run.model.parameters())
     model = f"{cfg.model._target_}" if cfg.model.get("_target_") else cfg.model.name
     task = "" if cfg.task.name == "classification" and not cfg.task.get("_target_") else f"task: {cfg.task.name} | "
@@ -74,10 +76,32 @@ def _memory_line(run: Run) -> str:
     mb = 1024 ** 2
     sharded = f" per rank (FSDP2 shards weights, grads and optimizer state over {info.world} ranks)" \
         if plan["shards"] > 1 else ""
-    return (f"memory plan{sharded}: {plan['params']:,} params x {plan['bytes_per_param']:.1f} B/param = "
+    total = sum(p.numel() for p in run.model.parameters())
+    trainable = (f" ({plan['params']:,} of {total:,} params train: frozen ones have no gradients or optimizer "
+                 "state)") if plan["params"] < total else ""
+    return (f"memory plan{sharded}{trainable}: {plan['params']:,} params x {plan['bytes_per_param']:.1f} B/param = "
             f"{plan['total'] / mb:.2f} MiB (weights {plan['weights'] / mb:.2f}, grads {plan['grads'] / mb:.2f}, "
             f"optimizer state {plan['optimizer_state'] / mb:.2f}; master copy: {plan['master_copy']}) "
             "+ activations; measured peak logged as peak_mem_mb")
+
+
+def _finetune_lines(run: Run):
+    """Where the starting weights came from, and what trains."""
+    if run.weights and not run.resumed:
+        w = run.weights
+        counts = ", ".join(f"{len(w.get(k) or [])} {k}" for k in ("missing", "unexpected", "mismatched"))
+        head = f"; head replaced ({len(w.get('head') or [])} tensors, expected)" if w.get("head") else ""
+        yield f"weights: {w.get('source')} (sha256 {str(w.get('sha256'))[:12]}...): {counts}{head}"
+    ft = run.finetuner
+    if ft is not None:
+        s = ft.summary()
+        lora = f", LoRA adapters {s['lora']:,}" if s.get("lora") else ""
+        stages = f" | {len(ft.stages)} unfreeze stage(s) at steps {[st[0] for st in ft.stages]}" if ft.stages else ""
+        yield (f"finetune: {run.cfg.finetune.name}: {s['trainable']:,} of {s['total']:,} params train "
+               f"(frozen {s['frozen']:,}{lora}){stages}")
+    if run.lr_scales:
+        scales = sorted(set(round(v, 4) for v in run.lr_scales.values()))
+        yield f"finetune: LR factors per layer from {scales[0]:g} to {scales[-1]:g} ({len(run.lr_scales)} layers)"
 
 
 class Checkpointer:
@@ -116,6 +140,8 @@ class Checkpointer:
             "parallel": run.parallel,
             "teacher": run.trainer.distill.teacher_info if run.trainer.distill is not None else None,
             **({"user_code": self.user_code} if self.user_code else {}),
+            **({"weights": run.weights} if run.weights else {}),
+            **({"finetune": run.finetuner.summary()} if run.finetuner is not None else {}),
             **self.env,
         }
 

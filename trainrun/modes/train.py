@@ -105,6 +105,9 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
         run.callbacks.call("on_fit_end", run, dict(final))
         logger.summary("trainrun: finished" if done else f"trainrun: stopped at step {trainer.state.step}/{total} "
                        f"(checkpointed; resume={run.dir} continues)", final)
+        if run.finetuner is not None and cfg.finetune.lora_rank > 0 and run.info.is_main:
+            logger.print(f"LoRA merged into the base weights: {export_merged(run)} (a plain model's weights: "
+                         "load them with model.weights=PATH)")
         if cfg.logger.plots and run.info.is_main:
             from trainrun.plots import plot_finished
 
@@ -113,6 +116,23 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
         return {**final, "finished": done, "signal": None if done else stop.signum}
     finally:
         logger.close(exit_code)
+
+
+def export_merged(run: Run):
+    """The LoRA run's weights with every adapter merged into its base layer, under the original model's names:
+    RUN/merged.safetensors (the adapters themselves stay in the checkpoints, which resume exactly)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from trainrun.finetune import merge_lora
+
+    merged = merge_lora(copy.deepcopy(run.model).cpu())
+    path = run.dir / "merged.safetensors"
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return path
 
 
 def _final_metrics(run: Run, t0: float) -> Dict[str, float]:
