@@ -679,8 +679,17 @@ def list_models_main() -> None:
 
     from rich.markup import escape
 
-    from trainrun.models import model_options
+    from trainrun.models import model_options, zoo
 
+    zoo_args = sys.argv[1:]
+    if zoo_args and zoo_args[0] in zoo.ZOOS:  # `trainrun-models torchvision|timm`: the zoo's architecture names
+        if len(zoo_args) > 1:
+            _fail(f"trainrun-models {zoo_args[0]} takes no other argument, not {zoo_args[1]!r}")
+        try:
+            print("\n".join(zoo.zoo_names(zoo_args[0])))
+        except ImportError:
+            _fail(f"trainrun-models timm: timm is not installed; {zoo.TIMM_EXTRA}")
+        return
     config_dir = _listing_config_dir("trainrun-models")
     table = Table(title="trainrun models (trainrun model=NAME)")
     table.add_column("model", style="bold")
@@ -691,3 +700,4 @@ def list_models_main() -> None:
     for name, path in user_option_files(config_dir, "model").items():
         table.add_row(name, escape(describe_user_option(path, "model", options)))
     Console().print(table)
+    Console().print(escape(zoo.listing_hint()))

@@ -9,13 +9,15 @@ import torch.nn as nn
 
 from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
+from trainrun.models import zoo
 from trainrun.models.resnet import resnet18, resnet50
 from trainrun.models.small import cnn, mlp
 from trainrun.models.vit import vit
 from trainrun.registry import Registry
 
 MODELS = Registry("model.name")  # name -> factory(model_cfg, input_shape, num_classes, dropout) -> nn.Module
-for _name, _factory in (("mlp", mlp), ("cnn", cnn), ("resnet18", resnet18), ("resnet50", resnet50), ("vit", vit)):
+for _name, _factory in (("mlp", mlp), ("cnn", cnn), ("resnet18", resnet18), ("resnet50", resnet50), ("vit", vit),
+                        ("torchvision", zoo.torchvision_model), ("timm", zoo.timm_model)):
     MODELS.register(_name, _factory)
 
 
@@ -49,6 +51,7 @@ def describe_models() -> Dict[str, str]:
 def check(cfg) -> None:
     """Range checks of the model section."""
     checks = SectionChecks(cfg, "model")
+    zoo.check(cfg)
     if cfg.get("_target_"):
         return  # user code: its arguments are checked when the factory is called, before any compute
     checks.one_of("name", sorted(MODELS))
