@@ -74,6 +74,8 @@ OFFLINE_DATA_REFUSAL = {
 RECIPE_STAND_IN_DATA = ("data=imagefolder", "data.root={images}", "data.image_size=32", "data.num_workers=0",
                         "data.batch_size=8")
 TEACHER_RECIPES = {"mnist5k_student_kd": "mnist5k_teacher_cnn"}
+# fine-tuning recipes start from the weights of another recipe's run (model.weights=${output_root}/RUN_NAME)
+WEIGHTS_RECIPES = {f"digits100_{row}": "mnist5k_teacher_cnn" for row in ("full", "linear_probe", "lora", "layer_decay")}
 
 OPTION_NEEDS: Dict[Tuple[str, str], Needs] = {
     ("init", "constant"): Needs(re.escape(f"init.name='constant': {SYMMETRY}"), builds=False),
@@ -274,6 +276,10 @@ def _recipe_stand_in(recipe: str, cfg, stand_ins: Dict[str, str], teacher_recipe
         refusals.append(re.escape(f"distillation.teacher={cfg.distillation.teacher}: no checkpoint there; pass a run "
                                   "directory, a checkpoints/step_* directory, or distillation.teacher=latest"))
         overrides.append(f"output_root={teacher_recipe_roots(TEACHER_RECIPES[recipe])}")
+    if recipe in WEIGHTS_RECIPES:
+        refusals.append(re.escape(f"model.weights={cfg.model.weights}: no such file or directory; point it at a "
+                                  "trainrun run or checkpoint directory, a .pt/.pth state_dict or a .safetensors file"))
+        overrides.append(f"output_root={teacher_recipe_roots(WEIGHTS_RECIPES[recipe])}")
     return overrides, refusals
 
 

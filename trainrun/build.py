@@ -230,7 +230,8 @@ def _unfreeze_due(run: "Run", step: int) -> None:
     finetuner = run.finetuner
     for stage in finetuner.due(step):
         params = finetuner.unfreeze(stage)
-        names = {n for n, p in run.model.named_parameters() if any(p is q for q in params)}
+        newly = {id(p) for p in params}
+        names = {n for n, p in run.model.named_parameters() if id(p) in newly}
         added = add_param_groups(run.optimizer, run.model, run.cfg.optimizer, names, run.global_batch,
                                  run.lr_layers, run.lr_scales, label=f"[unfrozen@{stage[0]}]")
         run.trainer.params = [p for p in run.model.parameters() if p.requires_grad]

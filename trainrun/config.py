@@ -290,13 +290,15 @@ CHOICES = {
 
 def section_checks() -> Dict[str, Callable[[Any], None]]:
     """section -> the range checks of the module that owns it (imported here: they import torch)."""
-    from trainrun import checkpoint, distill, doctor, logging, models, optim, precision, regularization, schedule, tasks
+    from trainrun import (checkpoint, distill, doctor, finetune, logging, models, optim, precision, regularization,
+                          schedule, tasks)
     from trainrun.data import curriculum, datasets
 
     return {"model": models.check, "optimizer": optim.check, "schedule": schedule.check,
             "precision": precision.check, "regularization": regularization.check, "distillation": distill.check,
             "data": datasets.check, "logger": logging.check, "curriculum": curriculum.check,
-            "checkpoint": checkpoint.check, "doctor": doctor.check, "task": tasks.check}
+            "checkpoint": checkpoint.check, "doctor": doctor.check, "task": tasks.check,
+            "finetune": finetune.check}
 
 
 def _check_known_keys(node: Any, schema: Any, prefix: str) -> None:

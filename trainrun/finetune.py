@@ -339,13 +339,17 @@ class Finetuner:
         kept = expand(cfg.train, names, self.head, "finetune.train")
         self._set_trainable(frozen - kept, False)
         self._set_trainable(kept, True)
-        self.stages = self._build_stages(names)
+        if cfg.lora_rank > 0:
+            kept |= set(self.head) | {n for n in names if ".lora_" in n}
+        # a stage holds what its glob matches minus what `train` keeps training from the start (gradual's
+        # freeze ['*'], train ['@head'], unfreeze_at {'*': 3}: the head trains throughout, the rest from epoch 3)
+        self.stages = self._build_stages(names, kept)
         for _, stage_names in self.stages:
             self._set_trainable(stage_names, False)
         if cfg.freeze_bn:
             self._hold_frozen_batchnorm()
 
-    def _build_stages(self, names: List[str]) -> List[Stage]:
+    def _build_stages(self, names: List[str], kept: Set[str]) -> List[Stage]:
         unit = self.cfg.unfreeze_unit
         if self.cfg.unfreeze_at and unit == "epoch" and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch={self.steps_per_epoch}: unfreezing by epoch needs >= 1")
@@ -353,7 +357,7 @@ class Finetuner:
         by_step: Dict[int, Set[str]] = {}
         claimed: Set[str] = set()  # a parameter several globs match starts training at the earliest of them
         for pattern, at in sorted(self.cfg.unfreeze_at.items(), key=lambda item: item[1]):
-            matched = expand([pattern], names, self.head, "finetune.unfreeze_at") - claimed
+            matched = expand([pattern], names, self.head, "finetune.unfreeze_at") - claimed - kept
             claimed |= matched
             by_step.setdefault(int(at) * per_unit, set()).update(matched)
         return [(step, [n for n in names if n in members]) for step, members in sorted(by_step.items()) if members]
