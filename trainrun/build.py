@@ -33,7 +33,7 @@ from trainrun.models import build_model, check_forward, check_model_size, model_
 from trainrun.optim import apply_hparams, build_optimizer
 from trainrun.precision import DTYPES, PrecisionPolicy
 from trainrun.regularization import EMA, BatchAugment, EarlyStopping, add_stochastic_depth, effective_dropout
-from trainrun.resume import check_data, check_state
+from trainrun.resume import WEIGHTS_MODES, check_data, check_state
 from trainrun.schedule import Schedule, horizon_change
 from trainrun.seed import capture_rng_state, restore_rng_state, seed_everything
 from trainrun.tasks import Task
@@ -152,7 +152,8 @@ def build(cfg: DictConfig, run_dir: Path, resumed: Optional[Resumed] = None,
     _register_parts(run)
     if resumed:  # everything the checkpoint holds fits this run, before any of it is used
         check_state(resumed.dir, resumed.state, resumed.meta, model, resumed.changes,
-                    run.optimizer if cfg.mode != "eval" else None, cfg.optimizer.name, run.trainer.distill)
+                    run.optimizer if cfg.mode not in WEIGHTS_MODES else None, cfg.optimizer.name,
+                    run.trainer.distill)
     return run
 
 

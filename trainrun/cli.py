@@ -88,6 +88,7 @@ def _pick_run_dir(mode: str, resume: Optional[str], output_root: str, run_name: 
     pointers say; naming an older checkpoint branches into a new directory; a new run without run_name gets a
     timestamped directory of its own (created here, exclusively)."""
     from trainrun import checkpoint, rundir
+    from trainrun.resume import WEIGHTS_MODES
 
     root = Path(output_root)
     if resume:
@@ -97,8 +98,8 @@ def _pick_run_dir(mode: str, resume: Optional[str], output_root: str, run_name: 
             ckpt = None  # runner.run reports the problem in one line before anything is written there
         if ckpt is not None:
             run = checkpoint.run_dir_of(ckpt)
-            if mode == "eval":
-                return str(rundir.claim(run / "eval", _now()))
+            if mode in WEIGHTS_MODES:  # eval/test/predict/export write into RUN/MODE/<time>, never over the run
+                return str(rundir.claim(run / mode, _now()))
             if checkpoint.is_latest(ckpt):
                 return str(run)
             return str(rundir.claim(root, f"{run.name}-from-{ckpt.name}-{_now()}"))  # a branch: never overwrite
@@ -343,7 +344,7 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
     from hydra import compose
 
     from trainrun.config import validate
-    from trainrun.resume import adopt_checkpoint_config, check_resume_compatible, resume_meta
+    from trainrun.resume import WEIGHTS_MODES, adopt_checkpoint_config, check_resume_compatible, resume_meta
 
     cfg = compose("config", overrides=[*overrides, *search])
     from trainrun import rundir
@@ -360,7 +361,7 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
 
         checkpoint.candidates(cfg.distillation.teacher, Path(cfg.output_root), key="distillation.teacher")
     target, what = Path(cfg.output_root), f"output_root={cfg.output_root}"
-    if cfg.resume and cfg.mode in ("train", "eval"):
+    if cfg.resume and cfg.mode in ("train", *WEIGHTS_MODES):
         from trainrun import checkpoint
 
         ckpt = checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0]

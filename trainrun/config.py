@@ -155,6 +155,7 @@ class DataConfig:
     batch_size: int = 64  # per-process micro-batch
     eval_batch_size: int = 512
     val_fraction: float = 0.2  # digits / mnist5k / synthetic / imagefolder without a val/ folder
+    test_fraction: float = 0.0  # in-memory sets: a held-out test split nothing trains or selects on (mode=test)
     split_seed: int = 0  # the train/val split does not move with `seed`
     num_workers: int = 0  # DataLoader workers for image-file datasets
     persistent_workers: bool = True  # with num_workers > 0: keep the workers alive across epochs
@@ -179,6 +180,7 @@ class TaskConfig:
     pos_weight: Optional[List[float]] = None  # binary / multilabel: BCE weight of positives (one, or one per label)
     loss: str = "mse"  # regression: mse | huber | l1
     huber_delta: float = 1.0  # regression, loss=huber
+    metrics: List[str] = field(default_factory=list)  # extra evaluation metrics (torchmetrics), e.g. [top5, f1_macro, ece]
 
 
 @dataclass
@@ -231,6 +233,19 @@ class DoctorConfig:
 
 
 @dataclass
+class ExportConfig:
+    format: str = "safetensors"  # safetensors | onnx | torch_export (mode=export)
+    path: Optional[str] = None  # default RUN/export/model.<ext>
+    atol: float = 1e-4  # parity bound: max abs difference between the export and the eager model on a real batch
+
+
+@dataclass
+class PredictConfig:
+    split: str = "test"  # train | val | test (test falls back to val when the data has none, with a warning)
+    output: Optional[str] = None  # default RUN/predictions.csv; .jsonl by suffix
+
+
+@dataclass
 class TrainrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
@@ -248,11 +263,13 @@ class TrainrunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     # name -> {_target_: pkg.module.Callback, ...kwargs}: user callbacks (trainrun/callbacks.py); the name is the
     # key of the callback's state in checkpoints
     callbacks: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    mode: str = "train"  # train | eval | init_report | lr_find | overfit_batch
+    mode: str = "train"  # train | eval | test | predict | export | init_report | lr_find | overfit_batch
     resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it

@@ -20,7 +20,8 @@ from trainrun.config import validate
 from trainrun.doctor import overfit_settings
 from trainrun.errors import ConfigError
 from trainrun.modes import MODES, RESTORES
-from trainrun.resume import adopt_checkpoint_config, adopt_trained_sections, check_resume_compatible, load_resume
+from trainrun.resume import (WEIGHTS_MODES, adopt_checkpoint_config, adopt_trained_sections, check_resume_compatible,
+                             load_resume)
 from trainrun.seed import set_determinism
 
 log = logging.getLogger("trainrun")
@@ -53,8 +54,8 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]],
     name."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if not cfg.resume:
-        if cfg.mode == "eval":
-            raise ConfigError("mode=eval needs a checkpoint: resume=<run dir or checkpoint dir>")
+        if cfg.mode in WEIGHTS_MODES:
+            raise ConfigError(f"mode={cfg.mode} needs a checkpoint: resume=<run dir or checkpoint dir>")
         if checkpoint.list_checkpoints(run_dir):
             raise ConfigError(f"run directory {run_dir} already has checkpoints; continue it with resume={run_dir} "
                               "or pick another run_name")
@@ -70,7 +71,7 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]],
         changes = check_resume_compatible(stored, resolved)
         for k, a, b in changes:
             log.warning("resume with a changed config: %s %r -> %r", k, a, b)
-    if cfg.mode == "eval":  # evaluate the checkpoint as it was trained: its model, data, task and precision
+    if cfg.mode in WEIGHTS_MODES:  # use the checkpoint as it was trained: its model, data, task and precision
         cfg = adopt_trained_sections(cfg, stored, ("model", "data", "task", "precision"))
         resolved = OmegaConf.to_container(cfg, resolve=True)
     check_stored_code(resolved, named)

@@ -17,7 +17,22 @@ MODES.register("init_report", init_report_mode)
 MODES.register("lr_find", lr_find_mode)
 MODES.register("overfit_batch", overfit_batch_mode)
 
-RESTORES = {"train": True, "eval": False, "init_report": False, "lr_find": False, "overfit_batch": False}
+
+def _lazy(module: str, function: str) -> Callable:
+    """A mode whose module is imported only when it runs (export pulls in onnx, predict writes files)."""
+    def mode(run, t0: float) -> Dict[str, float]:
+        import importlib
+
+        return getattr(importlib.import_module(f"trainrun.modes.{module}"), function)(run, t0)
+    return mode
+
+
+MODES.register("test", _lazy("test", "test_mode"))
+MODES.register("predict", _lazy("predict", "predict_mode"))
+MODES.register("export", _lazy("export", "export_mode"))
+
+RESTORES = {"train": True, "eval": False, "init_report": False, "lr_find": False, "overfit_batch": False,
+            "test": False, "predict": False, "export": False}
 """Whether the mode continues a checkpoint's training state (eval reads only the weights, itself)."""
 
 __all__ = ["MODES", "RESTORES"]
