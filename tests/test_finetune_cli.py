@@ -70,6 +70,9 @@ def test_lora_trains_adapters_resumes_bitwise_and_exports_merged_weights(tmp_pat
     assert any(".lora_A." in k for k in state) and any(".lora_B." in k for k in state)
     src = _state(source_run, 20)["model"]
     assert torch.equal(state["0.base_layer.weight"], src["0.weight"])  # the base stays frozen
+    run_cli(tmp_path, "mode=eval", "resume=runs/whole", *FAST)  # eval rebuilds the adapters it evaluates
+    evaluated = json.loads(next((tmp_path / "runs" / "whole" / "eval").glob("*/eval.json")).read_text())
+    assert evaluated["val/acc"] == _meta(tmp_path / "runs" / "whole", 10)["metrics"]["val/acc"]
     merged = tmp_path / "runs" / "whole" / "merged.safetensors"
     assert merged.is_file()
     # the merged export is a plain CNN's weights: it loads with nothing missing, and evaluates as the LoRA run did
@@ -154,3 +157,19 @@ def test_a_checkpoint_from_before_finetune_resumes_and_a_changed_parameter_set_i
     new["finetune"]["freeze"] = ["*"]
     with pytest.raises(ConfigError, match=r"finetune.freeze changed from \[\] to \['\*'\]"):
         check_resume_compatible(old, new)
+
+
+def test_timm_model_with_pretrained_weights_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """model=timm through the CLI: the pretrained file is found in the Hugging Face cache layout (offline), and a
+    cache without it is one line naming the path."""
+    from test_weights import fake_hf_cache
+
+    args = ["model=timm", "model.arch=resnet18", "model.pretrained=true", "trainer.max_steps=1",
+            "data.limit_train=32", "data.batch_size=16", *FAST]
+    fake_hf_cache(tmp_path / "empty", monkeypatch, with_file=False)
+    p = run_cli(tmp_path, "run_name=missing", *args, check=False)
+    assert p.returncode == 2 and "models--timm--resnet18.a1_in1k" in p.stderr and p.stderr.count("\n") == 1
+    path, _ = fake_hf_cache(tmp_path / "full", monkeypatch)
+    run_cli(tmp_path, "run_name=timm", *args)
+    weights = _meta(tmp_path / "runs" / "timm", 1)["weights"]
+    assert weights["source"] == "timm:resnet18.a1_in1k" and weights["file"] == str(path)

@@ -72,7 +72,7 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]],
         for k, a, b in changes:
             log.warning("resume with a changed config: %s %r -> %r", k, a, b)
     if cfg.mode in WEIGHTS_MODES:  # use the checkpoint as it was trained: its model, data, task and precision
-        cfg = adopt_trained_sections(cfg, stored, ("model", "data", "task", "precision"))
+        cfg = adopt_trained_sections(cfg, stored, ("model", "data", "task", "precision", "finetune"))
         resolved = OmegaConf.to_container(cfg, resolve=True)
     check_stored_code(resolved, named)
     return cfg, Resumed(ckpt_dir, state, meta, changes), resolved
