@@ -1,15 +1,21 @@
 """Datasets: in-memory tensor sets (digits, mnist5k, synthetic, tensors file) and image files
 (cifar10, imagefolder) through torchvision.
 
-Every builder returns a `Split` of train/val. Tensor sets are checked once for non-finite
-values and out-of-range labels, before any training.
+Every builder returns a `Split` of train/val and, where the data has one, a held-out test split that nothing trains,
+selects or tunes on (only mode=test reads it):
+- in-memory sets: `data.test_fraction` of the samples, carved out before the train/val split from one fixed
+  permutation (see `_carve_test`), so neither `seed`, data.split_seed nor data.val_fraction moves it;
+- cifar10: its official 10,000 test images; the validation split is carved from the 50,000 training images
+  (data.val_fraction, data.split_seed), so checkpoint selection, early stopping and sweeps never see the test set;
+- imagefolder: a `test/` folder next to `train/` (and `val/`), or data.test_fraction of a folder of class folders.
+Tensor sets are checked once for non-finite values and out-of-range labels, before any training.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,6 +24,7 @@ from trainrun.errors import DataError
 from trainrun.registry import Registry
 
 MAX_CLASSES = 100_000  # more is a label bug (a label of 10**9 asks for a 10**9-way head), not a classification task
+TEST_SPLIT_SEED = 1515  # the test split's own generator: fixed forever, so no other setting moves the test split
 
 
 @dataclass
@@ -55,13 +62,21 @@ class FileSet:
 
 @dataclass
 class Split:
+    """`preprocess`: what turns a raw input into what the model was trained on (trainrun.load applies it).
+    In-memory sets: {"scale", "resize", "mean", "std"}: x * scale, resized to resize x resize (bilinear, antialiased
+    when shrinking; None: as is), then (x - mean) / std with the TRAINING split's mean and std (0 and 1 where the
+    set is not standardised). Image files: {"image_size", "short_side", "mean", "std"}: the image as floats in
+    [0, 1], its shorter side resized to short_side then centre-cropped to image_size (short_side None: resized to
+    image_size x image_size), then normalised per channel. User data: {} (the dataset prepares its own samples)."""
     train: object  # TensorSet | FileSet | trainrun.data.user.UserSet
     val: object
     num_classes: Optional[int]  # classification: the classes; None for other tasks
     input_shape: Tuple[int, int, int]
-    fingerprint: str  # sha256 over the data and the split
+    fingerprint: str  # sha256 over the data and the split (the test split included)
     description: str
-    test: object = None  # a held-out split, when the data has one
+    test: object = None  # the held-out test split, when the data has one (mode=test); never trained or selected on
+    class_names: Optional[List[str]] = None  # classification: one name per class index, when the data names them
+    preprocess: Dict[str, Any] = field(default_factory=dict)
 
 
 def _first_line(e: BaseException) -> str:
@@ -77,18 +92,46 @@ def _hash_tensors(*ts: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _random_split(n: int, val_fraction: float, split_seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _random_split(n: int, val_fraction: float, split_seed: int,
+                  n_val: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`n_val`: the val split's size when it is not round(n * val_fraction) (a share of the data before the test
+    split was carved out of it)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    n_val = int(round(n * val_fraction))
-    if n_val == 0 or n_val == n:
+    n_val = int(round(n * val_fraction)) if n_val is None else n_val
+    if n_val == 0 or n_val >= n:
         raise DataError(f"data.val_fraction={val_fraction} leaves an empty train or val split of {n} samples; "
-                        "choose a fraction between 1/n and 1-1/n")
+                        "choose a fraction between 1/n and 1-1/n (with data.test_fraction, their sum below 1)")
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def _standardize(train_x: torch.Tensor, val_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    mean, std = train_x.mean(), train_x.std().clamp_min(1e-8)
-    return (train_x - mean) / std, (val_x - mean) / std
+def _carve_test(n: int, test_fraction: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the indices left for train and val, in order; the test indices, sorted, or None without a test split).
+    The test split is the first round(n * test_fraction) samples of ONE fixed permutation of 0..n-1, drawn from its
+    own generator (TEST_SPLIT_SEED): `seed`, data.split_seed and data.val_fraction never move a sample into or out
+    of it, and a larger test_fraction only adds samples to it. With test_fraction 0 every index is left, in order,
+    so the train/val split is exactly the one of a run without a test split."""
+    if not test_fraction:
+        return torch.arange(n), None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+    n_test = int(round(n * test_fraction))
+    if n_test == 0:
+        raise DataError(f"data.test_fraction={test_fraction} of {n} samples is an empty test split; choose at least "
+                        f"{1 / n:.2g} or 0 (no test split)")
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
+
+
+def split_indices(n: int, cfg) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(train, val, test or None) indices of n samples: the test split first (`_carve_test`), then val as
+    data.val_fraction of ALL n samples, drawn from what is left by data.split_seed."""
+    rest, test = _carve_test(n, cfg.get("test_fraction") or 0.0)
+    n_val = None if test is None else int(round(n * cfg.val_fraction))
+    train, val = _random_split(len(rest), cfg.val_fraction, cfg.split_seed, n_val)
+    return rest[train], rest[val], test
+
+
+def _train_statistics(train_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std every split is standardised with: the training split's only (val and test are unseen)."""
+    return train_x.mean(), train_x.std().clamp_min(1e-8)
 
 
 def _tensor_augment(shape: Tuple[int, int, int], flip: bool) -> Callable:
@@ -126,24 +169,51 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize: bool = True,
-                  difficulty: Optional[torch.Tensor] = None, flip: bool = True) -> Split:
-    """`flip`: whether data.augment may flip images horizontally (not for digits: a mirrored digit is another glyph)."""
+                  difficulty: Optional[torch.Tensor] = None, flip: bool = True, scale: float = 1.0,
+                  class_names: Optional[List[str]] = None) -> Split:
+    """`flip`: whether data.augment may flip images horizontally (not for digits: a mirrored digit is another glyph);
+    `scale`: the factor the loader already applied to the raw values (recorded in the split's preprocess)."""
     check_tensor_data(name, x, y)
     if cfg.get("resize"):
         x = _resize(x, int(cfg.resize))
     if difficulty is not None and (difficulty.ndim != 1 or len(difficulty) != len(y)):
         raise DataError(f"{name}: 'difficulty' has shape {tuple(difficulty.shape)}; it needs one value per sample")
-    tr, va = _random_split(len(y), cfg.val_fraction, cfg.split_seed)
+    tr, va, te = split_indices(len(y), cfg)
     xtr, xva = x[tr], x[va]
+    xte = x[te] if te is not None else None
+    mean, std = _train_statistics(xtr) if standardize else (torch.tensor(0.0), torch.tensor(1.0))
     if standardize:
-        xtr, xva = _standardize(xtr, xva)
+        xtr, xva = (xtr - mean) / std, (xva - mean) / std
+        xte = (xte - mean) / std if xte is not None else None
     augment = _tensor_augment(tuple(x.shape[1:]), flip) if cfg.augment else None
     train = TensorSet(xtr.contiguous(), y[tr], None if difficulty is None else difficulty[tr].float(), augment)
     val = TensorSet(xva.contiguous(), y[va])
+    test = TensorSet(xte.contiguous(), y[te]) if te is not None else None
     num_classes = int(y.max()) + 1
-    return Split(train, val, num_classes, tuple(x.shape[1:]), _hash_tensors(x, y, tr, va),
-                 f"{name}: {len(train)} train / {len(val)} val, {num_classes} classes, input {tuple(x.shape[1:])}"
-                 + (f", {augment.description}" if augment else ""))
+    sizes = f"{len(train)} train / {len(val)} val" + (f" / {len(test)} test" if test is not None else "")
+    fingerprint = _hash_tensors(x, y, tr, va) if te is None else _hash_tensors(x, y, tr, va, te)
+    split = Split(train, val, num_classes, tuple(x.shape[1:]), fingerprint,
+                  f"{name}: {sizes}, {num_classes} classes, input {tuple(x.shape[1:])}"
+                  + (f", {augment.description}" if augment else ""), test=test, class_names=class_names)
+    split.preprocess = {"scale": scale, "resize": int(cfg.resize) if cfg.get("resize") else None,
+                        "mean": float(mean), "std": float(std)}
+    return split
+
+
+def check_class_names(name: str, names: Any, num_classes: int) -> Optional[List[str]]:
+    """Class names as the data gives them: one string per class index, refused in one line otherwise."""
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{name}: class_names must be a list of strings (one per class index), got "
+                        f"{type(names).__name__}")
+    if len(names) < num_classes:
+        raise DataError(f"{name}: {len(names)} class_names for labels up to {num_classes - 1}; give one name per "
+                        "class index")
+    if len(set(names)) != len(names):
+        raise DataError(f"{name}: class_names repeat a name ({sorted(n for n in names if names.count(n) > 1)[0]!r}); "
+                        "every class needs its own")
+    return list(names)
 
 
 def check_tensor_data(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -189,7 +259,7 @@ def load_digits_set(cfg) -> Split:
     images, target = _digits_arrays()
     x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(target, dtype=torch.int64)
-    return _tensor_split("digits", x, y, cfg, flip=False)
+    return _tensor_split("digits", x, y, cfg, flip=False, scale=1 / 16, class_names=[str(k) for k in range(10)])
 
 
 def load_mnist5k_set(cfg) -> Split:
@@ -200,7 +270,7 @@ def load_mnist5k_set(cfg) -> Split:
     xs, ys = mnist_data()
     x = torch.tensor(xs, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     y = torch.tensor(ys, dtype=torch.int64)
-    return _tensor_split("mnist5k", x, y, cfg, flip=False)
+    return _tensor_split("mnist5k", x, y, cfg, flip=False, scale=1 / 255, class_names=[str(k) for k in range(10)])
 
 
 def load_synthetic_set(cfg) -> Split:
@@ -232,8 +302,9 @@ def load_tensor_file_set(cfg) -> Split:
         raise DataError(f"{name}: labels must be integer class indices, got {y.dtype} (casting would drop the "
                         "imaginary part); store 'y' as int64 class indices")
     difficulty = obj.get("difficulty")
+    names = check_class_names(name, obj.get("class_names"), int(y.max()) + 1 if len(y) else 0)
     return _tensor_split(name, x.float() if torch.is_floating_point(x) else x, y.long(), cfg, standardize=False,
-                         difficulty=difficulty)
+                         difficulty=difficulty, class_names=names)
 
 
 # --- image files (torchvision) -------------------------------------------------------------
@@ -270,19 +341,29 @@ def _image_transform(size: int, augment: bool, mean, std, crop_pad: bool) -> Cal
 
 
 def load_cifar10_set(cfg) -> Split:
+    """CIFAR-10: the official test set is the test split; val is data.val_fraction of the 50,000 training images
+    (by data.split_seed), because a validation split picks checkpoints, stops early and ranks sweep jobs: were it
+    the test set, the test accuracy reported would be one the run was tuned on. (Before test splits existed the test
+    set was val: a run from then resumes with a data-changed warning.)"""
     import torchvision
 
     root = Path(cfg.root)
     try:
         tr = torchvision.datasets.CIFAR10(str(root), train=True, download=cfg.download)
-        va = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
+        te = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
     except RuntimeError as e:
         raise DataError(f"data=cifar10: dataset not found under {root} ({e}); set data.root or data.download=true") from e
     mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
-    train = FileSet(tr, range(len(tr)), _image_transform(32, cfg.augment, mean, std, True), tr.targets)
-    val = FileSet(va, range(len(va)), _image_transform(32, False, mean, std, True), va.targets)
-    fp = hashlib.sha256(f"cifar10:{len(tr)}:{len(va)}:{sum(tr.targets)}".encode()).hexdigest()
-    return Split(train, val, 10, (3, 32, 32), fp, f"cifar10: {len(train)} train / {len(val)} val")
+    tr_idx, va_idx = (t.tolist() for t in _random_split(len(tr), cfg.val_fraction, cfg.split_seed))
+    plain = _image_transform(32, False, mean, std, True)
+    train = FileSet(tr, tr_idx, _image_transform(32, cfg.augment, mean, std, True), tr.targets)
+    val, test = FileSet(tr, va_idx, plain, tr.targets), FileSet(te, range(len(te)), plain, te.targets)
+    fp = hashlib.sha256(f"cifar10:{len(tr)}:{len(te)}:{sum(tr.targets)}:{sum(te.targets)}:val={va_idx}".encode())
+    names = list(getattr(tr, "classes", None) or [str(k) for k in range(10)])
+    return Split(train, val, 10, (3, 32, 32), fp.hexdigest(),
+                 f"cifar10: {len(train)} train / {len(val)} val (from the training images) / {len(test)} test",
+                 test=test, class_names=names,
+                 preprocess={"image_size": 32, "short_side": None, "mean": mean, "std": std})
 
 
 def _folder_fingerprint(root: Path) -> str:
@@ -308,6 +389,34 @@ def _verify_images(samples) -> None:
                             "replace the file") from e
 
 
+def _image_folder_parts(root: Path, cfg, loader):
+    """{"train"|"val"|"test": (torchvision ImageFolder, indices)} of an image folder. Layouts: train/ with val/
+    and/or test/ (each of class folders; without val/, val is carved from train/); or class folders directly under
+    root, split into train/val (and data.test_fraction of test) by `split_indices`."""
+    import torchvision
+
+    folders = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
+    if "train" not in folders or len(folders) == 1:
+        base = torchvision.datasets.ImageFolder(str(root), loader=loader)
+        tr, va, te = (None if t is None else t.tolist() for t in split_indices(len(base), cfg))
+        return {"train": (base, tr), "val": (base, va), **({"test": (base, te)} if te is not None else {})}
+    if cfg.get("test_fraction") and "test" in folders:
+        raise DataError(f"data.test_fraction={cfg.test_fraction}: data=imagefolder {root} has a test/ folder, which "
+                        "is its test split; drop data.test_fraction")
+    if cfg.get("test_fraction"):
+        raise DataError(f"data.test_fraction={cfg.test_fraction}: data=imagefolder {root} is split into folders; put "
+                        "the held-out images in a test/ folder next to train/ instead and drop data.test_fraction")
+    bases = {name: torchvision.datasets.ImageFolder(str(path), loader=loader) for name, path in folders.items()}
+    for name, base in bases.items():
+        if base.classes != bases["train"].classes:
+            raise DataError(f"data=imagefolder: {root}/train and {root}/{name} have different class folders")
+    parts = {name: (base, list(range(len(base)))) for name, base in bases.items()}
+    if "val" not in bases:
+        tr, va = (t.tolist() for t in _random_split(len(bases["train"]), cfg.val_fraction, cfg.split_seed))
+        parts["train"], parts["val"] = (bases["train"], tr), (bases["train"], va)
+    return parts
+
+
 def load_imagefolder_set(cfg) -> Split:
     import torchvision
 
@@ -318,24 +427,20 @@ def load_imagefolder_set(cfg) -> Split:
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     loader = lambda p: torchvision.datasets.folder.default_loader(p)  # noqa: E731  (RGB PIL image)
     try:
-        if (root / "train").is_dir() and (root / "val").is_dir():
-            tr_base = torchvision.datasets.ImageFolder(str(root / "train"), loader=loader)
-            va_base = torchvision.datasets.ImageFolder(str(root / "val"), loader=loader)
-            if va_base.classes != tr_base.classes:
-                raise DataError(f"data=imagefolder: {root}/train and {root}/val have different class folders")
-            tr_idx, va_idx = range(len(tr_base)), range(len(va_base))
-        else:
-            tr_base = va_base = torchvision.datasets.ImageFolder(str(root), loader=loader)
-            tr_idx, va_idx = (t.tolist() for t in _random_split(len(tr_base), cfg.val_fraction, cfg.split_seed))
+        parts = _image_folder_parts(root, cfg, loader)
     except FileNotFoundError as e:
         raise DataError(f"data=imagefolder: {e}") from e
-    for base in {id(tr_base): tr_base, id(va_base): va_base}.values():
+    for base in {id(base): base for base, _ in parts.values()}.values():
         _verify_images(base.samples)
-    train = FileSet(tr_base, tr_idx, _image_transform(size, cfg.augment, mean, std, False), tr_base.targets)
-    val = FileSet(va_base, va_idx, _image_transform(size, False, mean, std, False), va_base.targets)
-    k = len(tr_base.classes)
-    return Split(train, val, k, (3, size, size), _folder_fingerprint(root),
-                 f"imagefolder({root}): {len(train)} train / {len(val)} val, {k} classes")
+    plain = _image_transform(size, False, mean, std, False)
+    sets = {name: FileSet(base, idx, _image_transform(size, cfg.augment, mean, std, False) if name == "train"
+                          else plain, base.targets) for name, (base, idx) in parts.items()}
+    classes = parts["train"][0].classes
+    sizes = " / ".join(f"{len(ds)} {name}" for name, ds in sets.items())
+    return Split(sets["train"], sets["val"], len(classes), (3, size, size), _folder_fingerprint(root),
+                 f"imagefolder({root}): {sizes}, {len(classes)} classes", test=sets.get("test"),
+                 class_names=list(classes), preprocess={"image_size": size, "short_side": int(round(size * 1.14)),
+                                                        "mean": mean, "std": std})
 
 
 DATASETS = Registry("data.name")  # name -> loader(data_cfg) -> Split
@@ -357,7 +462,9 @@ def check(cfg) -> None:
     checks.positive("batch_size", "eval_batch_size", "image_size", "resize", "num_samples", "num_classes", "limit_train",
                     "limit_val", "prefetch_factor")
     checks.positive("num_workers", allow_zero=True)
-    checks.unit("val_fraction")
+    checks.unit("val_fraction", "test_fraction")
+    if cfg.get("test_fraction"):
+        _check_test_fraction(cfg, checks)
     shape = list(cfg.input_shape)
     if len(shape) != 3 or min(shape) <= 0:
         checks.fail("input_shape", "must be [channels, height, width] with positive sizes")
@@ -374,6 +481,19 @@ def check(cfg) -> None:
     if cfg.augment and cfg.name == "synthetic":
         checks.fail("augment", "data=synthetic is Gaussian class clusters with no image structure to crop or flip; "
                                "drop data.augment=true")
+
+
+def _check_test_fraction(cfg, checks: SectionChecks) -> None:
+    """data.test_fraction where the data has a test split of its own, or leaves no room for train and val."""
+    if cfg.get("_target_") is not None:
+        checks.fail("test_fraction", 'with data._target_ the factory gives the test split: return a "test" dataset '
+                                     "next to train and val (or a third tuple entry), and drop data.test_fraction")
+    if cfg.name == "cifar10":
+        checks.fail("test_fraction", "data=cifar10 has its own test split (the 10,000 test images); drop "
+                                     "data.test_fraction")
+    if cfg.val_fraction + cfg.test_fraction >= 1:
+        checks.fail("test_fraction", f"with data.val_fraction={cfg.val_fraction} no training samples are left; their "
+                                     "sum must stay below 1")
 
 
 def limit(ds, n: Optional[int]):
@@ -402,9 +522,10 @@ def build_split(cfg, classifies: bool = True) -> Split:
     if (len(split.train), len(split.val)) != sizes:
         split.description += f" (limited to the first {len(split.train)} train / {len(split.val)} val)"
     if not classifies:
-        split.num_classes = None
+        split.num_classes, split.class_names = None, None
         return split
-    seen = max(int(split.train.y.max()), int(split.val.y.max())) + 1
+    parts = [p for p in (split.train, split.val, split.test) if p is not None and len(p)]
+    seen = max(int(p.y.max()) for p in parts) + 1
     if cfg.num_classes is not None and cfg.name != "synthetic":
         if seen > cfg.num_classes:
             raise DataError(f"labels out of range: {cfg.name} has labels up to {seen - 1} but data.num_classes="
@@ -417,4 +538,13 @@ def build_split(cfg, classifies: bool = True) -> Split:
         raise DataError(f"data={cfg.name}: the largest label is {seen - 1:,}, which asks for a {split.num_classes:,}"
                         f"-way classifier; more than {MAX_CLASSES:,} classes is refused: labels must be class indices "
                         "0..K-1")
+    split.class_names = complete_class_names(split.class_names, split.num_classes)
     return split
+
+
+def complete_class_names(names: Optional[List[str]], num_classes: Optional[int]) -> Optional[List[str]]:
+    """One name per model output: data.num_classes above the labels seen adds classes the data does not name (they
+    are named by their index)."""
+    if names is None or num_classes is None:
+        return None
+    return list(names[:num_classes]) + [str(k) for k in range(len(names), num_classes)]

@@ -1,4 +1,6 @@
-"""The user's own data (`data._target_`): a factory returning map-style datasets (or tensors) for train/val.
+"""The user's own data (`data._target_`): a factory returning map-style datasets (or tensors) for train/val and,
+optionally, a held-out "test" split (only mode=test reads it) and "class_names" (one string per class index; else
+the train dataset's own `classes`, as torchvision datasets name them).
 
 trainrun keeps the batching and the order (trainrun.data.loader), so a resumed run replays exactly: a sample's
 randomness (a user transform drawing from torch's global RNG) is seeded from (seed, epoch, sample index), as
@@ -12,7 +14,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from trainrun.data.datasets import Split, TensorSet, limit
+from trainrun.data.datasets import Split, TensorSet, check_class_names, complete_class_names, limit
 from trainrun.errors import DataError
 
 
@@ -85,7 +87,11 @@ def build_user_split(cfg, classifies: bool) -> Split:
 
     schema = usercode.schema_defaults(DataConfig)
     result = usercode.call_factory(cfg, "data._target_", schema, {"split_seed": cfg.split_seed})
-    parts = {name: _as_part(ds, name) for name, ds in usercode.as_datasets(result, target=cfg._target_).items()}
+    names = result.get("class_names") if isinstance(result, dict) else None
+    if isinstance(result, dict):
+        result = {k: v for k, v in result.items() if k != "class_names"}
+    datasets = usercode.as_datasets(result, target=cfg._target_)
+    parts = {name: _as_part(ds, name) for name, ds in datasets.items()}
     parts["train"], parts["val"] = limit(parts["train"], cfg.limit_train), limit(parts["val"], cfg.limit_val)
     x0 = parts["train"].x[0] if isinstance(parts["train"], TensorSet) else parts["train"].load(0, 0)[0]
     num_classes = None
@@ -96,6 +102,19 @@ def build_user_split(cfg, classifies: bool) -> Split:
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in schema}
     sizes = ", ".join(f"{len(ds)} {name}" for name, ds in parts.items())
     split = Split(parts["train"], parts["val"], num_classes, tuple(x0.shape),
-                  _fingerprint(cfg._target_, kwargs, parts), f"{cfg._target_}: {sizes} samples of {list(x0.shape)}")
-    split.test = parts.get("test")
+                  _fingerprint(cfg._target_, kwargs, parts), f"{cfg._target_}: {sizes} samples of {list(x0.shape)}",
+                  test=parts.get("test"))
+    if num_classes is not None:
+        split.class_names = complete_class_names(_class_names(cfg._target_, names, datasets["train"], num_classes),
+                                                 num_classes)
     return split
+
+
+def _class_names(target: str, given: Any, train, num_classes: int) -> Optional[list]:
+    """The factory's "class_names" (checked: a bad value is refused in one line), else the train dataset's own
+    `classes` when it is one string per class (torchvision's convention; anything else there is not ours to judge)."""
+    if given is not None:
+        return check_class_names(f"data._target_={target}", given, num_classes)
+    own = getattr(train, "classes", None)
+    fits = isinstance(own, (list, tuple)) and len(own) >= num_classes and all(isinstance(n, str) for n in own)
+    return list(own) if fits and len(set(own)) == len(own) else None
