@@ -198,6 +198,9 @@ class TrainerConfig:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
     channels_last: bool = False  # NHWC memory format for 4-D inputs and conv weights (faster convs on GPU/CPU)
     threads: Optional[int] = None  # torch intra-op CPU threads (torch.set_num_threads); null: torch's default
+    profile: bool = False  # torch.profiler trace of a step window into RUN/profile (TensorBoard / Perfetto)
+    profile_start: int = 3  # the window's first step, counted from this invocation's first step (>= 2)
+    profile_steps: int = 5  # steps in the window
 
 
 @dataclass
@@ -362,7 +365,10 @@ def validate(cfg: DictConfig) -> None:
     checks.one_of("init.name", (*init.INITS.names(), *init.REFUSED))
     checks.positive("trainer.epochs", "trainer.accumulation_steps", "trainer.max_steps", "trainer.stop_at_step",
                     "init.lsuv_target_var", "init.lsuv_tol", "init.lsuv_max_iters", "init.std", "lr_find.start_lr",
-                    "lr_find.end_lr", "lr_find.num_steps", "lr_find.diverge", "trainer.threads")
+                    "lr_find.end_lr", "lr_find.num_steps", "lr_find.diverge", "trainer.threads",
+                    "trainer.profile_steps")
+    if cfg.trainer.profile_start < 2:
+        checks.fail("trainer.profile_start", "the profiler needs one warm-up step before its window: use >= 2")
     checks.positive("trainer.eval_every", "trainer.ckpt_every", allow_zero=True)
     checks.unit("lr_find.smooth")
     if cfg.init.name in ("constant", "zeros"):

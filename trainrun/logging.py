@@ -5,9 +5,9 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -18,7 +18,7 @@ from trainrun.errors import TrainrunError
 
 @dataclass
 class LoggerConfig:
-    name: str = "console"  # console | wandb (both also write metrics.jsonl)
+    name: str = "console"  # console | wandb | tensorboard | mlflow (every one also writes metrics.jsonl)
     log_every: int = 10  # optimizer steps between metric lines
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     plots: bool = True  # draw plots/{loss,accuracy,lr}.png into the run directory when the run ends
@@ -26,6 +26,9 @@ class LoggerConfig:
     entity: Optional[str] = None  # wandb
     mode: str = "offline"  # wandb: online | offline | disabled
     group: Optional[str] = None  # wandb
+    backends: List[str] = field(default_factory=list)  # trackers beside logger.name: wandb | tensorboard | mlflow
+    mlflow_uri: Optional[str] = None  # MLflow tracking store; default sqlite:///OUTPUT_ROOT/mlflow.db
+    mlflow_experiment: str = "trainrun"
 
 
 
@@ -167,7 +170,8 @@ def print_metrics(con: Console, title: str, metrics: Dict[str, Any]) -> None:
 
 class RunLogger:
     def __init__(self, cfg, run_dir: Path, total_steps: int, start_step: int, config: Dict[str, Any],
-                 wandb_id: Optional[str], main_process: bool = True):
+                 wandb_id: Optional[str], main_process: bool = True,
+                 tracker_ids: Optional[Dict[str, Optional[str]]] = None):
         self.cfg, self.run_dir, self.total = cfg, Path(run_dir), total_steps
         self.main = main_process  # under torchrun only rank 0 prints and writes; the others stay silent
         self.console = console() if main_process else Console(file=open(os.devnull, "w"))
@@ -176,7 +180,9 @@ class RunLogger:
         # would be lost once the bar stops); and a failing wandb.init then leaves no bar or open file behind.
         self.wandb = None
         self.wandb_id = wandb_id
-        if cfg.name == "wandb" and main_process:
+        from trainrun.trackers import active, open_trackers
+
+        if "wandb" in active(cfg) and main_process:
             import wandb  # deferred: only runs that ask for wandb pay its import
 
             # The same id on every resume continues the same wandb run (offline: one offline-run-*-ID folder per
@@ -184,6 +190,12 @@ class RunLogger:
             self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(self.run_dir),
                                     id=wandb_id, resume="allow", config=config, group=cfg.group,
                                     name=self.run_dir.name)
+        self.trackers = []
+        try:
+            self.trackers = open_trackers(cfg, self.run_dir, config, tracker_ids or {}) if main_process else []
+        except BaseException:
+            self._finish_trackers(1)
+            raise
         self.file = open(self.run_dir / METRICS_FILE if main_process else os.devnull, "a", buffering=1)
         self._write_failed = False
         mode = cfg.progress if main_process else "off"
@@ -204,6 +216,8 @@ class RunLogger:
         self._write(row)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
         if self.mode == "off":
             return
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch")
@@ -225,6 +239,17 @@ class RunLogger:
         self._write({"step": step, "time": round(time.time(), 3), **scalars})
         if self.wandb is not None:
             self.wandb.log({**scalars, **detail}, step=step)
+        for tracker in self.trackers:
+            tracker.log(scalars, step)
+
+    def checkpoint_saved(self, step: int, sha256: str) -> None:
+        """Each tracker records the SHA256 of the checkpoint just written."""
+        for tracker in self.trackers:
+            tracker.checkpoint(step, sha256)
+
+    def tracker_ids(self) -> Dict[str, str]:
+        """What meta.json keeps so a resume continues the same tracker runs (MLflow's run id)."""
+        return {"mlflow_run_id": t.run_id for t in self.trackers if hasattr(t, "run_id")}
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -235,6 +260,8 @@ class RunLogger:
         print_metrics(self.console, title, metrics)
         if self.wandb is not None:
             self.wandb.summary.update(dict(metrics))
+        for tracker in self.trackers:
+            tracker.summary(metrics)
 
     def stop_progress(self) -> None:
         if self.progress is not None:
@@ -251,6 +278,7 @@ class RunLogger:
                 if exit_code == 0 and not self._write_failed:  # else the run's own error is already on its way
                     raise write_failure(self.run_dir / METRICS_FILE, e, self.run_dir) from e
         finally:
+            self._finish_trackers(exit_code)
             run, self.wandb = self.wandb, None
             if run is not None:
                 try:
@@ -259,13 +287,26 @@ class RunLogger:
                     self.console.print(f"[yellow]warning:[/] wandb.finish failed: {e}")
             sys.stdout.flush()
 
+    def _finish_trackers(self, exit_code: int) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close(exit_code)
+            except Exception as e:  # noqa: BLE001  (never mask the run's own error with a logging one)
+                self.console.print(f"[yellow]warning:[/] closing {type(tracker).__name__} failed: {e}")
+
 
 def check(cfg) -> None:
     """Range checks of the logger section (the rules that span sections are in config.validate)."""
     from trainrun.checks import SectionChecks
 
     checks = SectionChecks(cfg, "logger")
-    checks.one_of("name", ("console", "wandb"))
+    checks.one_of("name", ("console", "wandb", "tensorboard", "mlflow"))
+    from trainrun.trackers import BACKENDS
+
+    unknown = [b for b in cfg.get("backends") or [] if b not in BACKENDS]
+    if unknown:
+        checks.fail("backends", f"{unknown[0]!r} is not a tracker; choose from {', '.join(BACKENDS)}")
     checks.one_of("progress", ("auto", "bar", "lines", "off"))
     checks.one_of("mode", ("online", "offline", "disabled"))
     checks.positive("log_every")

@@ -166,7 +166,8 @@ def _check_meta(meta: Any, ckpt_dir: Path) -> None:
             bad(f"has no config.resolved.{section} mapping")
     checks = {"step": lambda v: _is_int(v) and v >= 0, "sha256": lambda v: isinstance(v, str),
               "world_size": lambda v: _is_int(v) and v >= 1, "wall_time_s": lambda v: _is_number(v) and v >= 0,
-              "wandb_id": lambda v: v is None or isinstance(v, str), "data": lambda v: isinstance(v, dict)}
+              "wandb_id": lambda v: v is None or isinstance(v, str), "data": lambda v: isinstance(v, dict),
+              "mlflow_run_id": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v) is not None}
     for key, ok in checks.items():
         if key in meta and not ok(meta[key]):
             bad(f"holds {key}={meta[key]!r}")

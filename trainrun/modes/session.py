@@ -9,12 +9,12 @@ import secrets
 import string
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
-from trainrun import checkpoint, distributed, provenance, rundir
+from trainrun import checkpoint, distributed, provenance, rundir, trackers
 from trainrun.build import Run, state_dict
 from trainrun.diagnostics import memory_plan
 from trainrun.logging import RunLogger, config_tree, write_failure
@@ -26,7 +26,7 @@ def open_session(run: Run) -> Tuple[RunLogger, "Checkpointer"]:
     cfg, info, resumed = run.cfg, run.info, run.resumed
     run.schedule.apply(run.optimizer, run.state.step)
     wandb_id = resumed.meta.get("wandb_id") if resumed else None
-    if cfg.logger.name == "wandb" and wandb_id is None:
+    if "wandb" in trackers.active(cfg.logger) and wandb_id is None:
         wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     try:
         cleared = rundir.accept(run.dir, OmegaConf.to_yaml(cfg, resolve=True), fresh=not resumed,
@@ -34,10 +34,14 @@ def open_session(run: Run) -> Tuple[RunLogger, "Checkpointer"]:
     except OSError as e:  # a full disk before the first step: one line, and no resume= to suggest
         (run.dir / f".{rundir.CONFIG_FILE}.tmp").unlink(missing_ok=True)  # what write_config had begun
         raise write_failure(Path(e.filename or run.dir / rundir.CONFIG_FILE), e, run.dir) from e
+    ids = {"mlflow_run_id": resumed.meta.get("mlflow_run_id")} if resumed else {}
     logger = RunLogger(cfg.logger, run.dir, run.total, run.state.step, run.resolved, wandb_id,
-                       main_process=info.is_main)
+                       main_process=info.is_main, tracker_ids=ids)
     _print_header(run, logger, cleared)
-    return logger, Checkpointer(run, wandb_id)
+    saver = Checkpointer(run, wandb_id)
+    kept = {k: v for k, v in ids.items() if v}  # a resume without the tracker keeps the link for a later one
+    saver.tracker_ids, saver.on_saved = {**kept, **logger.tracker_ids()}, logger.checkpoint_saved
+    return logger, saver
 
 
 def _print_header(run: Run, logger: RunLogger, cleared) -> None:
@@ -109,6 +113,8 @@ class Checkpointer:
 
     def __init__(self, run: Run, wandb_id: Optional[str]):
         self.run, self.wandb_id = run, wandb_id
+        self.tracker_ids: Dict[str, str] = {}  # MLflow's run id: a resume continues the same tracker run
+        self.on_saved: Optional[Callable[[int, str], None]] = None  # trackers tag each checkpoint's SHA256
         resumed = run.resumed
         self.last_sha = resumed.meta["sha256"] if resumed else None
         self.last_step = run.state.step if resumed else None
@@ -136,12 +142,14 @@ class Checkpointer:
             "wall_time_s": round(self.wall_before + time.perf_counter() - self.started, 3),
             "saved_at": dt.datetime.now(dt.timezone.utc).isoformat(),
             "wandb_id": self.wandb_id,
+            **self.tracker_ids,
             "world_size": run.info.world,
             "parallel": run.parallel,
             "teacher": run.trainer.distill.teacher_info if run.trainer.distill is not None else None,
             **({"user_code": self.user_code} if self.user_code else {}),
             **({"weights": run.weights} if run.weights else {}),
             **({"finetune": run.finetuner.summary()} if run.finetuner is not None else {}),
+            "io": _io(run),
             **self.env,
         }
 
@@ -158,6 +166,8 @@ class Checkpointer:
                                         mode=ck.monitor_mode, keep_best=ck.keep_best)
         distributed.barrier()
         self.last_sha, self.last_step = sha, s.step
+        if path is not None and self.on_saved is not None:
+            self.on_saved(s.step, sha)
         if path is not None:
             run.callbacks.call("on_checkpoint", run, s.step, path)
 
@@ -170,6 +180,27 @@ class Checkpointer:
         path = checkpoint.save_badstep(run.dir, step, state, meta) if run.info.is_main else None
         distributed.barrier()
         return path
+
+
+def _io(run: Run) -> Dict[str, Any]:
+    """What trainrun.load needs to rebuild the model and feed it without the data: the input shape, the outputs,
+    the class names and the preprocessing of raw inputs (trainrun.data.datasets.Split.preprocess)."""
+    split = run.split
+    return {"input_shape": [int(d) for d in split.input_shape], "num_classes": split.num_classes,
+            "num_outputs": int(run.task.num_outputs), "task": run.cfg.task.name,
+            "class_names": getattr(split, "class_names", None),
+            "preprocess": _plain(getattr(split, "preprocess", None) or {})}
+
+
+def _plain(value: Any) -> Any:
+    """JSON values: a statistic given as a tensor or an array becomes a float or a list of floats."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
 
 
 def _user_code_provenance(resolved: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """mode=train: fit with evaluation, checkpoints, early stopping, signals and the user's callbacks."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from typing import Dict
@@ -92,14 +93,19 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
         if already_done:
             logger.print(f"run already complete at step {trainer.state.step}/{total}; nothing to do")
         run.callbacks.call("on_fit_start", run)
-        with StopFlag() as stop:
+        profiler = _profiler(run)
+        with StopFlag() as stop, profiler or contextlib.nullcontext():
             already_done or fit(trainer, log_every=cfg.logger.log_every,
                                 eval_every=cfg.trainer.eval_every or run.steps_per_epoch,
                                 ckpt_every=cfg.trainer.ckpt_every or run.steps_per_epoch, stop_at=stop_at,
                                 log=logger.log, on_eval=_on_eval(run, logger), save=saver.save,
-                                advance=logger.advance, on_step=_on_step(run),
+                                advance=logger.advance,
+                                on_step=profiler.wrap(_on_step(run)) if profiler else _on_step(run),
                                 should_stop=lambda: distributed.any_rank(
                                     stop.requested or trainer.state.stopped_early, run.device))
+        if profiler is not None and profiler.written:
+            logger.print("profile: " + ", ".join(f"{k} {v}" for k, v in profiler.written.items())
+                         + " (open the trace in TensorBoard's profiler or ui.perfetto.dev)")
         final = _final_metrics(run, t0)
         done = trainer.state.step >= total or trainer.state.stopped_early
         run.callbacks.call("on_fit_end", run, dict(final))
@@ -133,6 +139,15 @@ def export_merged(run: Run):
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(tmp))
     tmp.replace(path)
     return path
+
+
+def _profiler(run: Run):
+    """trainer.profile: the torch.profiler window (rank 0 only under torchrun)."""
+    if not run.cfg.trainer.profile or not run.info.is_main:
+        return None
+    from trainrun.profiling import StepProfiler
+
+    return StepProfiler(run.dir, run.cfg.trainer.profile_start, run.cfg.trainer.profile_steps, run.device)
 
 
 def _final_metrics(run: Run, t0: float) -> Dict[str, float]:
