@@ -198,3 +198,26 @@ def test_preprocess_of_image_files_is_the_validation_transform(tmp_path):
     assert torch.equal(pre(files), expected) and pre(str(files[0])).shape == (1, 3, 8, 8)
     with pytest.raises(ConfigError, match=r"input of shape \(1, 1, 4, 4\).*\[N, 1, 8, 8\]"):
         Preprocess({"scale": 1.0, "resize": None, "mean": 0.0, "std": 1.0}, (1, 8, 8))(torch.zeros(1, 4, 4))
+
+
+def test_a_regression_run_of_user_code_predicts_outputs_and_loads_only_when_trusted(tmp_path_factory, tmp_path):
+    from userpkg.data import diabetes
+
+    run_dir = trained(tmp_path_factory, "diabetes", ["task=regression", "data._target_=userpkg.data.diabetes",
+                                                     "model._target_=userpkg.nets.regressor", "optimizer=sgd",
+                                                     "optimizer.lr=0.05", "trainer.max_steps=10",
+                                                     "trainer.eval_every=5", "checkpoint.monitor=val/r2"])
+    out = tmp_path / "val.jsonl"
+    mode("predict", run_dir, tmp_path / "p", "predict.split=val", f"predict.output={out}",
+         "data._target_=userpkg.data.diabetes", "model._target_=userpkg.nets.regressor")
+    rows = read_jsonl(out)
+    x, y = diabetes()["val"]
+    assert len(rows) == len(y) == 88 and set(rows[0]) == {"index", "target", "output_0"}
+    assert [r["target"] for r in rows] == pytest.approx(y.tolist())
+    with pytest.raises(ConfigError, match=r"model\._target_=userpkg\.nets\.regressor.*trust_code=True"):
+        trainrun.load(run_dir)
+    loaded = trainrun.load(run_dir, trust_code=True)
+    assert loaded.task == "regression" and loaded.class_names is None
+    assert loaded.outputs(x).tolist() == pytest.approx([r["output_0"] for r in rows], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"task=regression has no labels or probabilities; use \.outputs"):
+        loaded.predict(x)
