@@ -234,6 +234,7 @@ def test_mode_test_evaluates_the_best_checkpoint_and_records_it_with_the_checkpo
     assert record == json.loads((best / "test.json").read_text())
     assert Path(record["checkpoint"]).name == best.name and record["selected_by"] == "best"
     assert record["sha256"] == sha_of(tmp_path / "runs/r", record["step"]) and record["test_samples"] == 359
+    assert record["data_fingerprint"] == record["trained_data_fingerprint"]
     assert f"{record['metrics']['test/acc']:.4f}" in p.stdout and "classes: 0, 1, 2" in p.stdout
     assert {f: (best / f).read_bytes() for f in before} == before  # its identity is untouched
     checkpoint.load(best)  # and it still loads, verified

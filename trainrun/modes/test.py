@@ -31,12 +31,17 @@ def test_mode(run, t0: float) -> Dict[str, Any]:
     if run.split.test is None:
         raise DataError(no_test_split_message(run.cfg.data))
     ckpt_dir, state, meta, selected_by = selected_checkpoint(run)
+    trained_on = (meta.get("data") or {}).get("fingerprint")
+    if trained_on not in (None, run.split.fingerprint):
+        log.warning("the data differs from the data %s was trained on (fingerprint %s, now %s): the test split may "
+                    "not be the one held out from it", ckpt_dir, str(trained_on)[:12], run.split.fingerprint[:12])
     _load_weights(run, ckpt_dir, state)
     metrics = evaluate_test(run)
     record = {"checkpoint": str(ckpt_dir), "selected_by": selected_by, "sha256": meta["sha256"],
               "step": meta["step"], "monitor": _trained_monitor(meta), "monitor_value": meta.get("monitor_value"),
               "weights": "ema" if "ema" in state else "raw", "test_samples": len(run.split.test),
-              "data_fingerprint": run.split.fingerprint, "class_names": run.split.class_names, "metrics": metrics,
+              "data_fingerprint": run.split.fingerprint, "trained_data_fingerprint": trained_on,
+              "class_names": run.split.class_names, "metrics": metrics,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if run.info.is_main:
         record_result(ckpt_dir, record)
