@@ -118,6 +118,7 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
             from trainrun.plots import plot_finished
 
             plot_finished(run.dir)
+            _write_report(run, logger)
         exit_code = 0
         return {**final, "finished": done, "signal": None if done else stop.signum}
     finally:
@@ -139,6 +140,18 @@ def export_merged(run: Run):
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(tmp))
     tmp.replace(path)
     return path
+
+
+def _write_report(run: Run, logger) -> None:
+    """RUN/report.md and report.html (trainrun.report); a by-product: a failed write is one warning line."""
+    from trainrun.report import write_report
+
+    try:
+        paths = write_report(run.dir)
+        logger.print(f"report: {paths[-1]} (trainrun-report {run.dir} rewrites it, e.g. after mode=test)")
+    except OSError as e:
+        logger.print(f"[yellow]warning:[/] could not write the report of {run.dir} ({e.strerror or e}); "
+                     f"the results and checkpoints are complete; write it later with trainrun-report {run.dir}")
 
 
 def _profiler(run: Run):
