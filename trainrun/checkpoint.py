@@ -31,6 +31,7 @@ import torch
 from trainrun.errors import CheckpointError
 
 STATE, DIGEST, META = "state.pt", "state.pt.sha256", "meta.json"
+RECORDS = ("test.json",)  # results about a checkpoint written after its save (mode=test): not part of its identity
 
 
 class _HashingWriter(io.RawIOBase):
@@ -412,7 +413,7 @@ def load(ckpt_dir: Path, map_location: Any = "cpu") -> Tuple[Dict[str, Any], Dic
                               "pass a run directory, a checkpoints/step_* directory, or resume=latest")
     manifest = digests(ckpt_dir)
     if META in manifest:  # the whole folder is covered: a file nobody listed was put there after the save
-        extra = sorted(p.name for p in ckpt_dir.iterdir() if p.name not in (STATE, DIGEST, META))
+        extra = sorted(p.name for p in ckpt_dir.iterdir() if p.name not in (STATE, DIGEST, META, *RECORDS))
         if extra:
             raise CheckpointError(f"checkpoint {ckpt_dir} holds {extra[0]!r}, a file its {DIGEST} does not list: "
                                   "it was modified; resume from another checkpoint")
