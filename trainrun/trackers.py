@@ -102,13 +102,10 @@ def open_trackers(cfg, run_dir: Path, config: Dict[str, Any], ids: Dict[str, Opt
     return trackers
 
 
-def _flat(d: Any, prefix: str = "") -> Dict[str, str]:
-    if isinstance(d, dict):
-        out: Dict[str, str] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: str(d)[:500]}  # MLflow caps a param value's length
+def _flat(config: Dict[str, Any]) -> Dict[str, str]:
+    from trainrun.resume import _flatten
+
+    return {k: str(v)[:500] for k, v in _flatten(config).items()}  # MLflow caps a param value's length
 
 
 def _yaml(config: Dict[str, Any]) -> str:

@@ -193,7 +193,8 @@ def _distribution_of(module: str) -> tuple:
         return dists[0], None
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The SHA256 of a file, read in 1 MiB blocks (module sources here, weights files in models/weights.py)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -212,7 +213,7 @@ def source_provenance(target: str) -> Dict[str, Any]:
     path = Path(file).resolve() if file else None
     package, version = _distribution_of(module_name)
     return {"target": target, "module": module_name, "file": str(path) if path else None,
-            "sha256": _sha256_of(path) if path and path.is_file() else None, "package": package, "version": version}
+            "sha256": sha256_of(path) if path and path.is_file() else None, "package": package, "version": version}
 
 
 def config_targets(cfg_dict: Any) -> Dict[str, str]:

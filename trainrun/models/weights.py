@@ -3,7 +3,6 @@
 with a report of what did not fit and the file's SHA256 for meta.json."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -14,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from trainrun.errors import ConfigError, TrainrunError
+from trainrun.usercode import sha256_of
 
 log = logging.getLogger("trainrun")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
@@ -41,14 +41,6 @@ def load_initial_weights(model: nn.Module, model_cfg, input_channels: int) -> Op
     provenance = {"source": source, "file": str(path), "sha256": sha, **report}
     _log_summary(model, provenance, key, loaded)
     return provenance
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- the zoos' caches
