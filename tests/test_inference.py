@@ -221,3 +221,14 @@ def test_a_regression_run_of_user_code_predicts_outputs_and_loads_only_when_trus
     assert loaded.outputs(x).tolist() == pytest.approx([r["output_0"] for r in rows], abs=1e-6)
     with pytest.raises(ConfigError, match=r"task=regression has no labels or probabilities; use \.outputs"):
         loaded.predict(x)
+
+
+def test_single_channel_images_may_come_without_their_channel_axis():
+    import numpy as np
+
+    from trainrun.inference import Preprocess
+
+    prep = Preprocess({}, (1, 8, 8))
+    assert tuple(prep(np.zeros((5, 8, 8))).shape) == (5, 1, 8, 8)  # load_digits().images
+    assert tuple(prep(np.zeros((8, 8))).shape) == (1, 1, 8, 8)
+    assert tuple(prep(np.zeros((5, 1, 8, 8))).shape) == (5, 1, 8, 8)

@@ -87,8 +87,12 @@ class Preprocess:
         if "image_size" in self.spec:
             return self._images(x)
         t = torch.as_tensor(x, dtype=torch.float32)
-        if t.ndim == len(self.input_shape):
+        if self.input_shape[0] == 1 and t.ndim == len(self.input_shape):
+            t = t.unsqueeze(1)  # single-channel images given as [N, H, W] (load_digits().images), or one [1, H, W]
+        elif t.ndim == len(self.input_shape):
             t = t.unsqueeze(0)
+        elif t.ndim == len(self.input_shape) - 1 and self.input_shape[0] == 1:
+            t = t.unsqueeze(0).unsqueeze(0)  # one single-channel image [H, W]
         if "scale" in self.spec:
             t = self._tensor(t)
         if tuple(t.shape[1:]) != self.input_shape:
