@@ -151,7 +151,7 @@ def _grad_sync(model: nn.Module, on: bool) -> None:
         model.set_requires_gradient_sync(on)
 
 
-EVAL_METRICS = ("val/loss", "val/acc")  # what classification's `evaluate` returns
+EVAL_METRICS = ("val/loss", "val/acc")  # what classification's `evaluate` returns without task.metrics
 
 
 def eval_metric_names(ema: bool, names: Tuple[str, ...] = EVAL_METRICS) -> Tuple[str, ...]:
@@ -160,37 +160,42 @@ def eval_metric_names(ema: bool, names: Tuple[str, ...] = EVAL_METRICS) -> Tuple
 
 
 def evaluate_all(t: Trainer) -> Dict[str, float]:
-    """val/* from the EMA weights when EMA is on (val_raw/* then holds the raw weights), else the raw weights."""
+    """val/* from the EMA weights when EMA is on (val_raw/* then holds the raw weights), else the raw weights.
+    The val/* pass's accumulator stays in `t.task.last_evaluation` (confusion matrix, reliability bins)."""
+    raw = measure(t.model, t.val, t.precision, t.device, t.channels_last, t.task)
     if t.ema is None:
-        return evaluate(t.model, t.val, t.precision, t.device, t.channels_last, t.task)
-    raw = evaluate(t.model, t.val, t.precision, t.device, t.channels_last, t.task)
-    return {**evaluate(t.ema.module, t.val, t.precision, t.device, t.channels_last, t.task),
-            **{k.replace("val/", "val_raw/"): v for k, v in raw.items()}}
+        t.task.last_evaluation = raw
+        return raw.compute()
+    measured = measure(t.ema.module, t.val, t.precision, t.device, t.channels_last, t.task)
+    t.task.last_evaluation = measured
+    return {**measured.compute(), **{k.replace("val/", "val_raw/"): v for k, v in raw.compute().items()}}
+
+
+def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device,
+             channels_last: bool = False, task: Optional[Task] = None) -> Dict[str, float]:
+    """The task's val/* metrics over the whole stream."""
+    return measure(model, stream, precision, device, channels_last, task).compute()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device,
-             channels_last: bool = False, task: Optional[Task] = None) -> Dict[str, float]:
-    """The task's val/* metrics over the whole stream, from sums (float64 / integer) added batch by batch."""
+def measure(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device,
+            channels_last: bool = False, task: Optional[Task] = None):
+    """One pass over the stream into the task's evaluation accumulator (torchmetrics for the built-in tasks,
+    updated batch by batch; each rank measures the whole stream, so no metric is synced across ranks)."""
     if task is None:
         from trainrun.tasks.classification import Classification
 
         task = Classification(None, nn.CrossEntropyLoss(), ())
     was_training = model.training
     model.eval()
-    sums: Dict[str, torch.Tensor] = {}
-    n = 0
+    evaluation = task.evaluation()
     for x, y, _ in stream.iter_epoch(0):
         x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with precision.autocast():
             output = model(x)
-        for k, v in task.eval_sums(output, y).items():
-            sums[k] = sums[k] + v if k in sums else v
-        n += len(y)
+        evaluation.update(output, y)
     model.train(was_training)
-    if not sums:  # an empty stream
-        return {f"val/{name}": float("nan") for name in task.metric_names(task.cfg)}
-    return task.eval_metrics(sums, n)
+    return evaluation
 
 
 def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at: int,

@@ -230,6 +230,94 @@ def plot_finished(path, sweep: bool = False) -> List[Path]:
         return []
 
 
+CONFUSION_FILE, RELIABILITY_FILE = "confusion_matrix.png", "reliability.png"
+MAX_ANNOTATED_CLASSES = 20  # counts are written in the cells up to this many classes
+MAX_TICK_CLASSES = 60  # class names on the axes up to this many classes (beyond: every n-th)
+
+
+def plot_evaluation(run_dir, evaluation, title: str = "") -> List[Path]:
+    """run_dir/plots/confusion_matrix.png (classification) and reliability.png (when ECE was measured) from the
+    accumulator of an evaluation (trainrun.metrics; the trainer's `task.last_evaluation`). None or a task without
+    them draws nothing. Like plot_finished, a failed write is one warning line."""
+    if evaluation is None:
+        return []
+    run_dir = Path(run_dir)
+    written: List[Path] = []
+    try:
+        confusion = evaluation.confusion_matrix()
+        if confusion is not None and int(confusion.sum()) > 0:
+            from trainrun.metrics import class_labels
+
+            labels = class_labels(getattr(evaluation, "class_names", None), confusion.shape[0])
+            written.append(_save(confusion_figure(confusion, labels, title),
+                                 run_dir / PLOTS_DIR / CONFUSION_FILE))
+        bins = evaluation.reliability()
+        if bins is not None and float(bins["count"].sum()) > 0:
+            written.append(_save(reliability_figure(bins, title), run_dir / PLOTS_DIR / RELIABILITY_FILE))
+    except OSError as e:
+        print(f"trainrun: warning: could not write the evaluation plots of {run_dir} ({e.strerror or e}); the "
+              "results and checkpoints are complete", file=sys.stderr, flush=True)
+    return written
+
+
+def confusion_figure(confusion, labels: Sequence[str], title: str = ""):
+    """Rows: the true class, columns: the predicted one; colour: the row's share (recall), text: the counts."""
+    counts = confusion.double()
+    share = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    n = len(labels)
+    side = min(16.0, max(4.5, 0.45 * n + 2.5))
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    step = max(1, math.ceil(n / MAX_TICK_CLASSES))
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=45 if max(map(len, labels)) > 2 else 0, ha="right"
+                  if max(map(len, labels)) > 2 else "center", fontsize="small")
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize="small")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= MAX_ANNOTATED_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j] > 0:
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize="small",
+                            color="white" if share[i, j] > 0.55 else "black")
+    accuracy = float(counts.trace() / counts.sum().clamp_min(1))
+    ax.set_title(f"{title + ': ' if title else ''}confusion matrix (accuracy {accuracy:.4f}, "
+                 f"{int(counts.sum())} samples)")
+    return fig
+
+
+def reliability_figure(bins: Dict, title: str = ""):
+    """Top: each bin's accuracy against its mean confidence (bars) and the diagonal of perfect calibration;
+    bottom: how many samples fall in each bin."""
+    edges, count = bins["edges"].numpy(), bins["count"].numpy()
+    width, left = edges[1:] - edges[:-1], edges[:-1]
+    filled = count > 0
+    fig = _new_figure(6.0, 6.5)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(left[filled], bins["accuracy"].numpy()[filled], width=width[filled], align="edge", color="tab:blue",
+            edgecolor="black", linewidth=0.6, label="accuracy in the bin")
+    # the gap runs from the bin's accuracy to its mean confidence: hatched, so the accuracy bar stays visible
+    top.bar(left[filled], (bins["confidence"] - bins["accuracy"]).numpy()[filled],
+            bottom=bins["accuracy"].numpy()[filled], width=width[filled], align="edge", facecolor="none",
+            hatch="//", edgecolor="tab:red", linewidth=0.8, label="gap to the bin's mean confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize="small", loc="upper left")
+    top.set_title(f"{title + ': ' if title else ''}reliability (ECE {float(bins['ece']):.4f}, {len(count)} bins)")
+    bottom.bar(left, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.6)
+    bottom.set_xlabel("confidence")
+    bottom.set_ylabel("samples")
+    if count.max() / max(1.0, count[count > 0].min()) >= 100:
+        bottom.set_yscale("log")
+    return fig
+
+
 def plot_sweep(sweep_dir) -> List[Path]:
     """Write sweep_dir/plots/{loss,accuracy,lr}.png with every job under sweep_dir overlaid: one colour per job
     (labelled by job_label), one line style per series (train solid, val dashed, val_raw dotted).

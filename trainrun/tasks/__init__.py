@@ -1,8 +1,10 @@
 """Tasks: the contract between a batch's targets, the model's output, the loss and the metrics.
 
 The loop never reads targets itself (no `argmax` in the loop): it asks the task for the loss of a micro-batch and
-for *sums* (correct predictions, squared errors, ...) that add up over micro-batches, steps and ranks, so every
-metric reduces exactly across processes (an all-reduce of the sums) and equals what one process would compute.
+for *sums* (correct predictions, ...) that add up over micro-batches, steps and ranks, so the train metrics reduce
+exactly across processes (an all-reduce of the sums) and equal what one process would compute. Evaluation asks the
+task for an `evaluation()` accumulator: the built-in tasks measure with torchmetrics (trainrun.metrics, `task.metrics`
+adds more); a user Task's default accumulator adds up its `eval_sums` and calls `eval_metrics`.
 Tasks register by name (`task=NAME`); `task._target_` names a user loss or a whole user Task.
 """
 from __future__ import annotations
@@ -26,8 +28,11 @@ class Task:
     mixes_targets = False  # whether MixUp/CutMix may mix this task's targets
     classifies = False  # classes with labels 0..C-1: the doctor's ln(C) and chance checks apply
 
-    def __init__(self, cfg, loss_fn: nn.Module, output_shape: Tuple[int, ...]):
+    def __init__(self, cfg, loss_fn: nn.Module, output_shape: Tuple[int, ...],
+                 class_names: Optional[Sequence[str]] = None):
         self.cfg, self.loss_fn, self.output_shape = cfg, loss_fn, tuple(output_shape)
+        self.class_names = class_names  # the data's, for per-class metrics and the confusion matrix's axes
+        self.last_evaluation = None  # the accumulator of the latest val/* evaluation (the end-of-run plots read it)
 
     @property
     def num_outputs(self) -> int:
@@ -37,9 +42,13 @@ class Task:
         return n
 
     @staticmethod
-    def metric_names(cfg) -> Tuple[str, ...]:
-        """What evaluation logs (without the val/ prefix): checkpoint.monitor may name any of them."""
+    def metric_names(task_cfg) -> Tuple[str, ...]:
+        """What evaluation logs (without the val/ prefix) for this task section: checkpoint.monitor may name any."""
         return ("loss",)
+
+    def evaluation(self):
+        """A fresh accumulator of one evaluation pass: update(output, target) per batch, compute() once."""
+        return SumsEvaluation(self)
 
     def check_output(self, output: torch.Tensor, key: str) -> None:
         """One line if a model's output for one sample cannot be compared with this task's targets."""
@@ -76,6 +85,9 @@ class Task:
     def eval_metrics(self, sums: Dict[str, torch.Tensor], n: int) -> Dict[str, float]:
         return {"val/loss": float(sums["loss"]) / max(1, n)}
 
+    def extra_metrics(self) -> Tuple[str, ...]:
+        return tuple((self.cfg.get("metrics") or ()) if self.cfg is not None else ())
+
     def initial_loss(self) -> Optional[float]:
         """The mean loss a model with uniform (zero) outputs has at step 0, if the task knows it."""
         return None
@@ -84,11 +96,58 @@ class Task:
         """Refuse, in one line, targets this task cannot train on (called once on each split's targets)."""
 
 
+class SumsEvaluation:
+    """The evaluation of a task defined by sums (a user Task): `eval_sums` added batch by batch, `eval_metrics`."""
+
+    def __init__(self, task: Task):
+        self.task, self.sums, self.n = task, {}, 0
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        for k, v in self.task.eval_sums(output, target).items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += len(target)
+
+    def compute(self) -> Dict[str, float]:
+        if not self.sums:  # an empty stream
+            return {f"val/{name}": float("nan") for name in self.task.metric_names(self.task.cfg)}
+        return self.task.eval_metrics(self.sums, self.n)
+
+    def confusion_matrix(self):
+        return None
+
+    def reliability(self):
+        return None
+
+
+class MeasuredTask(Task):
+    """A built-in task measured by a trainrun.metrics Evaluation; its eval_sums are that evaluation's states (which
+    add up over batches as sums do) and eval_metrics computes from them."""
+
+    @staticmethod
+    def metric_names(task_cfg) -> Tuple[str, ...]:
+        raise NotImplementedError
+
+    def eval_sums(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        evaluation = self.evaluation()
+        evaluation.update(output, target)
+        return evaluation.state()
+
+    def eval_metrics(self, sums, n: int) -> Dict[str, float]:
+        evaluation = self.evaluation()
+        evaluation.merge(sums)
+        return evaluation.compute()
+
+
 def check(cfg) -> None:
-    """Range checks of the task section."""
+    """Range checks of the task section, and the extra metrics it asks for."""
+    from trainrun import metrics
+
     checks = SectionChecks(cfg, "task")
     if cfg.get("_target_") is None:
         checks.one_of("name", TASKS.names())
+    problem = metrics.extras_problem(cfg.name, list(cfg.get("metrics") or ()))
+    if problem:
+        checks.fail("metrics", problem)
     checks.one_of("loss", ("mse", "huber", "l1"))
     checks.positive("huber_delta")
     checks.unit("threshold")
@@ -97,13 +156,15 @@ def check(cfg) -> None:
 
 
 def metric_names(cfg) -> Tuple[str, ...]:
-    """val/* names evaluation will log for this config's task (user tasks: their class's metric_names)."""
+    """val/* names evaluation will log for this config's task, `task.metrics` included (checkpoint.monitor, early
+    stopping, the plateau schedule and a sweep's objective may name any of them). Per-class accuracies
+    (val/acc/<class>) depend on the data's classes and are not listed."""
     task_cfg = cfg.task
     if task_cfg.get("_target_") is None or task_cfg.name in TASKS:
         cls = TASKS.get(task_cfg.name)
     else:
         cls = Task
-    return tuple(f"val/{m}" for m in cls.metric_names(cfg))
+    return tuple(f"val/{m}" for m in cls.metric_names(task_cfg))
 
 
 from trainrun.tasks import classification, sigmoid, regression  # noqa: E402,F401  (registers the built-ins)

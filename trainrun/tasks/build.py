@@ -2,6 +2,8 @@
 the data (classes, labels, or the target's shape per sample)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -76,8 +78,11 @@ def build_task(cfg, split, device: torch.device) -> Task:
     if made_task is not None:
         task = made_task
     else:
+        from trainrun.metrics import check_fits_outputs
+
+        check_fits_outputs(cfg.task.name, list(cfg.task.get("metrics") or ()), math.prod(output_shape))
         loss = user_loss if user_loss is not None else _builtin_loss(cfg, split, task_cls)
-        task = task_cls(cfg.task, loss.to(device), output_shape)
+        task = task_cls(cfg.task, loss.to(device), output_shape, class_names=getattr(split, "class_names", None))
     for name, ds in (("train", split.train), ("val", split.val)):
         task.check_targets(ds.y, f"data {name} split")
     return task

@@ -1,5 +1,6 @@
 """Multiclass classification: integer labels 0..C-1, one logit per class; CE / focal, label smoothing, class
-weights, MixUp/CutMix targets. Metrics: loss and accuracy (the arg-max of the logits)."""
+weights, MixUp/CutMix targets. Metrics (trainrun.metrics, torchmetrics): loss and accuracy (the arg-max of the
+logits); `task.metrics` adds top-k accuracy, macro/micro F1, AUROC, ECE and per-class accuracy."""
 from __future__ import annotations
 
 import math
@@ -9,18 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from trainrun.errors import DataError
-from trainrun.tasks import TASKS, Task
+from trainrun.tasks import TASKS, MeasuredTask
 
 
 @TASKS.register("classification", doc="one label of C classes per sample: cross-entropy (or focal), accuracy")
-class Classification(Task):
+class Classification(MeasuredTask):
     name = "classification"
     mixes_targets = True
     classifies = True
 
     @staticmethod
-    def metric_names(cfg) -> Tuple[str, ...]:
-        return ("loss", "acc")
+    def metric_names(task_cfg) -> Tuple[str, ...]:
+        from trainrun.metrics import logged_names
+
+        return logged_names("classification", list(task_cfg.get("metrics") or ()) if task_cfg is not None else ())
 
     def output_meaning(self) -> str:
         return "one logit per class"
@@ -34,12 +37,11 @@ class Classification(Task):
     def train_metrics(self, sums, n: int) -> Dict[str, float]:
         return {"train/acc": float(sums["correct"]) / max(1, n)}
 
-    def eval_sums(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {"loss": F.cross_entropy(output.float(), target, reduction="sum").double(),
-                "correct": (output.argmax(1) == target).sum()}
+    def evaluation(self):
+        from trainrun.metrics import ClassificationMetrics
 
-    def eval_metrics(self, sums, n: int) -> Dict[str, float]:
-        return {"val/loss": float(sums["loss"]) / max(1, n), "val/acc": float(sums["correct"]) / max(1, n)}
+        return ClassificationMetrics(self.extra_metrics(), _summed_cross_entropy, self.output_shape[0] if
+                                     self.output_shape else None, self.class_names)
 
     def initial_loss(self) -> Optional[float]:
         return math.log(self.num_outputs)
@@ -49,3 +51,8 @@ class Classification(Task):
             raise DataError(f"{what}: task=classification needs one integer class index per sample, got {y.dtype} "
                             f"targets of shape {list(y.shape[1:])} per sample; use task=binary, multilabel or "
                             "regression for other targets")
+
+
+def _summed_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The evaluation loss: cross-entropy without the run's smoothing or class weights, summed in float64."""
+    return F.cross_entropy(output.float(), target, reduction="sum").double()

@@ -1,6 +1,7 @@
 """Binary and multilabel classification: one independent sigmoid per label, BCE-with-logits (`task.pos_weight`
-weighs positives), a positive prediction where sigmoid(logit) > task.threshold. Metrics: loss, accuracy (per
-label), precision, recall and F1 (micro-averaged over labels), from counts that add up across batches and ranks."""
+weighs positives), a positive prediction where sigmoid(logit) > task.threshold. Metrics (trainrun.metrics,
+torchmetrics): loss, accuracy (per label), precision, recall and F1 (micro-averaged over labels); `task.metrics`
+adds AUROC and (binary) ECE."""
 from __future__ import annotations
 
 import math
@@ -9,16 +10,18 @@ from typing import Dict, Sequence, Tuple
 import torch
 
 from trainrun.errors import DataError
-from trainrun.tasks import TASKS, Task
+from trainrun.tasks import TASKS, MeasuredTask
 
 
-class SigmoidTask(Task):
+class SigmoidTask(MeasuredTask):
     def output_meaning(self) -> str:
         return "one logit per label"
 
-    @staticmethod
-    def metric_names(cfg) -> Tuple[str, ...]:
-        return ("loss", "acc", "precision", "recall", "f1")
+    @classmethod
+    def metric_names(cls, task_cfg) -> Tuple[str, ...]:
+        from trainrun.metrics import logged_names
+
+        return logged_names(cls.name, list(task_cfg.get("metrics") or ()) if task_cfg is not None else ())
 
     def shape_output(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return output.reshape(target.shape)
@@ -26,32 +29,25 @@ class SigmoidTask(Task):
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.shape_output(output.float(), target), target.float())
 
-    def _counts(self, output: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        threshold = self.cfg.threshold
-        cut = math.log(threshold / (1 - threshold)) if 0 < threshold < 1 else (math.inf if threshold >= 1 else -math.inf)
-        predicted = self.shape_output(output.detach().float(), target) > cut  # sigmoid(z) > t  <=>  z > logit(t)
-        actual = target > 0.5
-        return {"correct": (predicted == actual).sum(), "tp": (predicted & actual).sum(),
-                "fp": (predicted & ~actual).sum(), "fn": (~predicted & actual).sum()}
+    def _cut(self) -> float:
+        """The logit above which a prediction is positive: sigmoid(z) > t  <=>  z > logit(t)."""
+        t = self.cfg.threshold
+        return math.log(t / (1 - t)) if 0 < t < 1 else (math.inf if t >= 1 else -math.inf)
 
     def train_sums(self, output, target):
-        return {"correct": self._counts(output, target)["correct"]}
+        predicted = self.shape_output(output.detach().float(), target) > self._cut()
+        return {"correct": (predicted == (target > 0.5)).sum()}
 
     def train_metrics(self, sums, n: int) -> Dict[str, float]:
         return {"train/acc": float(sums["correct"]) / max(1, n * self.num_outputs)}
 
-    def eval_sums(self, output, target):
-        loss = self.loss_fn(self.shape_output(output.float(), target), target.float()).double() * len(target)
-        return {"loss": loss, **self._counts(output, target)}
+    def evaluation(self):
+        from trainrun.metrics import SigmoidMetrics
 
-    def eval_metrics(self, sums, n: int) -> Dict[str, float]:
-        tp, fp, fn = (float(sums[k]) for k in ("tp", "fp", "fn"))
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-        return {"val/loss": float(sums["loss"]) / max(1, n),
-                "val/acc": float(sums["correct"]) / max(1, n * self.num_outputs),
-                "val/precision": precision, "val/recall": recall, "val/f1": f1}
+        return SigmoidMetrics(self.name, self._cut(), self.extra_metrics(), self._summed_loss, self.num_outputs)
+
+    def _summed_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.shape_output(output.float(), target), target.float()).double() * len(target)
 
     def initial_loss(self):
         return math.log(2.0)  # BCE of a zero logit
