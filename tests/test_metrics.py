@@ -233,6 +233,12 @@ def test_confusion_matrix_and_reliability_pngs(tmp_path):
     plain = Classification(task_cfg(), nn.CrossEntropyLoss(), (10,))
     assert [p.name for p in plot_evaluation(tmp_path / "plain", in_batches(plain, logits, y))] == \
         ["confusion_matrix.png"]  # no ECE measured: no reliability diagram
+    g = torch.Generator().manual_seed(8)
+    yb = torch.randint(0, 2, (200,), generator=g)
+    binary = Binary(task_cfg(name="binary", metrics=["ece"]), nn.BCEWithLogitsLoss(), (1,))
+    out = torch.randn(200, 1, generator=g) + (2 * yb - 1).unsqueeze(1).float()
+    written = plot_evaluation(tmp_path / "b", in_batches(binary, out, yb))
+    assert [p.name for p in written] == ["reliability.png"] and _nontrivial_png(written[0])
     regression = Regression(task_cfg(name="regression"), nn.MSELoss(), ())
     assert plot_evaluation(tmp_path / "r", in_batches(regression, y.float(), y.float())) == []
     assert plot_evaluation(tmp_path / "none", None) == []

@@ -296,7 +296,9 @@ class SigmoidMetrics(Evaluation):
         if self.collections is None or "ece" not in self.collections.get("probs", {}):
             return None
         state = self.collections["probs"]["ece"].metric_state
-        return reliability_bins(_cat(state["confidences"]), _cat(state["accuracies"]))
+        # binary calibration: the positive-class probability against the share of positives in each bin
+        return {**reliability_bins(_cat(state["confidences"]), _cat(state["accuracies"])),
+                "axes": ("P(positive)", "share of positives")}
 
 
 class RegressionMetrics(Evaluation):

@@ -293,12 +293,13 @@ def reliability_figure(bins: Dict, title: str = ""):
     """Top: each bin's accuracy against its mean confidence (bars) and the diagonal of perfect calibration;
     bottom: how many samples fall in each bin."""
     edges, count = bins["edges"].numpy(), bins["count"].numpy()
+    x_label, y_label = bins.get("axes", ("confidence", "accuracy"))
     width, left = edges[1:] - edges[:-1], edges[:-1]
     filled = count > 0
     fig = _new_figure(6.0, 6.5)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(left[filled], bins["accuracy"].numpy()[filled], width=width[filled], align="edge", color="tab:blue",
-            edgecolor="black", linewidth=0.6, label="accuracy in the bin")
+            edgecolor="black", linewidth=0.6, label=f"{y_label} in the bin")
     # the gap runs from the bin's accuracy to its mean confidence: hatched, so the accuracy bar stays visible
     top.bar(left[filled], (bins["confidence"] - bins["accuracy"]).numpy()[filled],
             bottom=bins["accuracy"].numpy()[filled], width=width[filled], align="edge", facecolor="none",
@@ -306,12 +307,12 @@ def reliability_figure(bins: Dict, title: str = ""):
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_ylabel("accuracy")
+    top.set_ylabel(y_label)
     top.grid(True, alpha=0.3)
     top.legend(fontsize="small", loc="upper left")
     top.set_title(f"{title + ': ' if title else ''}reliability (ECE {float(bins['ece']):.4f}, {len(count)} bins)")
     bottom.bar(left, count, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.6)
-    bottom.set_xlabel("confidence")
+    bottom.set_xlabel(x_label)
     bottom.set_ylabel("samples")
     if count.max() / max(1.0, count[count > 0].min()) >= 100:
         bottom.set_yscale("log")
