@@ -1,16 +1,15 @@
-"""Evaluation metrics on torchmetrics: which names each task logs, and the accumulator of one evaluation pass.
+"""Evaluation metrics: which names each task logs, and the accumulator of one evaluation pass.
 
 Every task logs its base metrics (`val/loss` and, by task, `val/acc`, `val/precision`, ... `val/mae`, `val/r2`);
-`task.metrics` adds more (EXTRAS). An `Evaluation` holds one torchmetrics `MetricCollection` per kind of input
-(logits, probabilities, hard labels, values), updated batch by batch and computed once at the end.
+`task.metrics` adds more (EXTRAS), computed by torchmetrics. An `Evaluation` holds, per kind of input (logits,
+probabilities, hard labels, values), the metrics that measure it, updated batch by batch and computed once.
 
-Exactness: the loss is summed in float64 as before, and the count-based base metrics (accuracy, precision, recall,
-F1 of the sigmoid tasks) are divided in float64 from torchmetrics' integer counts (its own `compute` divides in
-float32), so the logged values - and the checkpoints that store them - do not move. Every rank evaluates the whole
-validation set, so the metrics are built with `sync_on_compute=False`: each rank computes the one-process values.
-
-torchmetrics is imported inside the functions: importing it costs seconds, and validation and `import trainrun`
-must stay cheap.
+Exactness: the loss is summed in float64, and the base metrics come from exact integer counts or float64 sums by
+torch ops (ConfusionCounts, StatCounts, RegressionSums at the end of this module), divided in float64, so the logged
+values - and the checkpoints that store them - do not move. Importing torchmetrics costs 3-5 s (it imports
+torchvision, scipy and transformers when installed), so it is imported only when `task.metrics` asks for an extra.
+Every rank evaluates the whole validation set, so the torchmetrics metrics are built with `sync_on_compute=False`:
+each rank computes the one-process values.
 """
 from __future__ import annotations
 
@@ -103,11 +102,8 @@ class Evaluation:
         self.size = size
         self.collections = self._build(size) if size is not None else None
 
-    def _build(self, size: int) -> Dict[str, Any]:
-        from torchmetrics import MetricCollection
-
-        return {kind: MetricCollection(metrics, compute_groups=False) for kind, metrics in self._metrics(size).items()
-                if metrics}
+    def _build(self, size: int) -> Dict[str, Dict[str, Any]]:
+        return {kind: dict(metrics) for kind, metrics in self._metrics(size).items() if metrics}
 
     def _metrics(self, size: int) -> Dict[str, Dict[str, Any]]:
         raise NotImplementedError
@@ -130,12 +126,13 @@ class Evaluation:
             self.collections = self._build(self.size)
         if self.loss.device != output.device:  # the first batch: the states live where the outputs are
             self.loss = self.loss.to(output.device)
-            self.collections = {kind: c.to(output.device) for kind, c in self.collections.items()}
+            self.collections = {kind: {name: metric.to(output.device) for name, metric in c.items()}
+                                for kind, c in self.collections.items()}
         self.loss = self.loss + self.loss_sum(output, target)
         self.n += len(target)
         for kind, (preds, truth) in self._inputs(output, target).items():
-            if kind in self.collections:
-                self.collections[kind].update(preds, truth)
+            for metric in self.collections.get(kind, {}).values():
+                metric.update(preds, truth)
 
     def compute(self) -> Dict[str, float]:
         if self.n == 0 or self.collections is None:  # an empty stream
@@ -192,11 +189,13 @@ class ClassificationMetrics(Evaluation):
     task_name = "classification"
 
     def _metrics(self, size: int) -> Dict[str, Dict[str, Any]]:
+        if not self.extras:
+            return {"logits": {"confmat": ConfusionCounts(size)}}
         from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassCalibrationError,
-                                                 MulticlassConfusionMatrix, MulticlassF1Score)
+                                                 MulticlassF1Score)
 
         common = {"num_classes": size, **_common()}
-        logits: Dict[str, Any] = {"confmat": MulticlassConfusionMatrix(**common)}
+        logits: Dict[str, Any] = {"confmat": ConfusionCounts(size)}
         probs: Dict[str, Any] = {}
         for name in self.extras:
             if top_k(name) is not None:
@@ -263,13 +262,13 @@ class SigmoidMetrics(Evaluation):
         super().__init__(*args, **kwargs)
 
     def _metrics(self, size: int) -> Dict[str, Dict[str, Any]]:
-        from torchmetrics.classification import (BinaryAUROC, BinaryCalibrationError, BinaryStatScores,
-                                                 MultilabelAUROC, MultilabelStatScores)
-
         binary = self.task_name == "binary"
-        labels = {"stats": BinaryStatScores(**_common()) if binary else
-                  MultilabelStatScores(num_labels=size, average="micro", **_common())}
+        labels = {"stats": StatCounts()}  # micro over labels, as torchmetrics' (Multilabel)StatScores
         probs: Dict[str, Any] = {}
+        if not self.extras:
+            return {"labels": labels, "probs": probs}
+        from torchmetrics.classification import (BinaryAUROC, BinaryCalibrationError, MultilabelAUROC)
+
         if "auroc" in self.extras:
             probs["auroc"] = BinaryAUROC(thresholds=None, **_common()) if binary else \
                 MultilabelAUROC(num_labels=size, average="macro", thresholds=None, **_common())
@@ -307,22 +306,103 @@ class RegressionMetrics(Evaluation):
     task_name = "regression"
 
     def _metrics(self, size: int) -> Dict[str, Dict[str, Any]]:
-        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
-
-        metrics = {"mae": MeanAbsoluteError(**_common()), "rmse": MeanSquaredError(squared=False, **_common()),
-                   "r2": R2Score(multioutput="uniform_average", **_common())}
-        for metric in metrics.values():
-            metric.set_dtype(torch.float64)
-        return {"values": metrics}
+        return {"values": {"errors": RegressionSums(size)}}
 
     def _inputs(self, output, target):
         truth = target.double().reshape(len(target), -1)
         return {"values": (output.detach().double().reshape(truth.shape), truth)}
 
-    def _compute(self, name: str, metric) -> torch.Tensor:
-        if name == "r2" and self.n < 2:  # R^2 needs two samples (torchmetrics raises)
-            return torch.tensor(float("nan"))
-        return metric.compute()
-
     def _values(self, computed):
-        return {f"val/{name}": _float(value) for name, value in computed["values"].items()}
+        return {f"val/{name}": _float(value) for name, value in computed["values"]["errors"].items()}
+
+
+# --- the base metrics' exact counts, by torch ops ---------------------------------------------------------------
+# Importing torchmetrics costs 3-5 s (it imports torchvision, scipy and transformers when they are installed): a
+# run that asks for no extra metric computes its base metrics from these counts and never imports it. Each keeps
+# the small Metric interface the evaluation uses: update / compute / to / metric_state / merge_state.
+
+class ConfusionCounts:
+    """[true, predicted] counts of argmax predictions, as torchmetrics' MulticlassConfusionMatrix."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.confmat = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def to(self, device) -> "ConfusionCounts":
+        self.confmat = self.confmat.to(device)
+        return self
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        k = self.num_classes
+        cells = target.long() * k + logits.argmax(1)
+        self.confmat += torch.bincount(cells, minlength=k * k).reshape(k, k)
+
+    def compute(self) -> torch.Tensor:
+        return self.confmat
+
+    @property
+    def metric_state(self) -> Dict[str, torch.Tensor]:
+        return {"confmat": self.confmat}
+
+    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.confmat = self.confmat + state["confmat"].to(self.confmat.device)
+
+
+class StatCounts:
+    """[tp, fp, tn, fn, support] over every 0/1 prediction, as torchmetrics' Binary/Multilabel StatScores (micro)."""
+
+    def __init__(self):
+        self.counts = torch.zeros(5, dtype=torch.long)
+
+    def to(self, device) -> "StatCounts":
+        self.counts = self.counts.to(device)
+        return self
+
+    def update(self, preds: torch.Tensor, truth: torch.Tensor) -> None:
+        p, t = preds.bool(), truth.bool()
+        tp, fp, fn = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
+        tn = p.numel() - tp - fp - fn
+        self.counts += torch.stack([tp, fp, tn, fn, tp + fn])
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+    @property
+    def metric_state(self) -> Dict[str, torch.Tensor]:
+        return {"counts": self.counts}
+
+    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.counts = self.counts + state["counts"].to(self.counts.device)
+
+
+class RegressionSums:
+    """MAE, RMSE over every output value and R^2 averaged uniformly over outputs (scikit-learn's r2_score: a
+    constant target scores 1 if predicted exactly, else 0), from float64 sums."""
+
+    def __init__(self, size: int):
+        self.sums = torch.zeros(5, size, dtype=torch.float64)  # abs err, sq err, y, y^2, count per output
+
+    def to(self, device) -> "RegressionSums":
+        self.sums = self.sums.to(device)
+        return self
+
+    def update(self, pred: torch.Tensor, truth: torch.Tensor) -> None:
+        err = pred - truth
+        self.sums += torch.stack([err.abs().sum(0), (err * err).sum(0), truth.sum(0), (truth * truth).sum(0),
+                                  torch.full_like(truth[0], len(truth))])
+
+    def compute(self) -> Dict[str, torch.Tensor]:
+        abs_err, sq_err, y, y2, n = self.sums
+        total = n.sum()
+        ss_tot = y2 - y * y / n.clamp_min(1)
+        exact = torch.where(sq_err == 0, torch.ones_like(sq_err), torch.zeros_like(sq_err))
+        r2 = torch.where(ss_tot > 0, 1 - sq_err / ss_tot.clamp_min(1e-300), exact)
+        return {"mae": abs_err.sum() / total, "rmse": (sq_err.sum() / total).sqrt(),
+                "r2": r2.mean() if float(n[0]) >= 2 else torch.tensor(float("nan"), dtype=torch.float64)}
+
+    @property
+    def metric_state(self) -> Dict[str, torch.Tensor]:
+        return {"sums": self.sums}
+
+    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.sums = self.sums + state["sums"].to(self.sums.device)
