@@ -14,7 +14,7 @@ def test_a_run_ends_with_a_report_a_person_can_read(tmp_path):
     meta = json.loads((run / "checkpoints" / "step_000000006" / "meta.json").read_text())
     assert f"| val/acc | {meta['metrics']['val/acc']:.4g} |" in md and meta["sha256"] in md
     assert "| trainer.max_steps | 6 |" in md and meta["data"]["fingerprint"] in page
-    for plot in ("loss", "accuracy", "lr"):
+    for plot in ("loss", "accuracy", "lr", "confusion_matrix"):
         assert f"plots/{plot}.png" in md and (run / "plots" / f"{plot}.png").stat().st_size > 5000
     # mode=test's result joins the report when it is rewritten; the run's files are untrusted: values are escaped
     (run / "test.json").write_text(json.dumps({"metrics": {"test/acc": 0.5, "test/<b>x</b>": 1}}))

@@ -115,9 +115,10 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
             logger.print(f"LoRA merged into the base weights: {export_merged(run)} (a plain model's weights: "
                          "load them with model.weights=PATH)")
         if cfg.logger.plots and run.info.is_main:
-            from trainrun.plots import plot_finished
+            from trainrun.plots import plot_evaluation, plot_finished
 
             plot_finished(run.dir)
+            plot_evaluation(run.dir, trainer.task.last_evaluation, title=run.dir.name)
             _write_report(run, logger)
         exit_code = 0
         return {**final, "finished": done, "signal": None if done else stop.signum}
