@@ -406,7 +406,16 @@ def _check_across_sections(cfg: DictConfig, checks: SectionChecks) -> None:
         checks.fail("checkpoint.monitor", f"evaluation logs only {', '.join(names)}"
                                           + ("" if cfg.regularization.ema_decay > 0 else
                                              " (val_raw/* exists with regularization.ema_decay > 0)")
+                                          + _more_metrics(cfg)
                                           + "; the best checkpoint and early stopping would never see this metric")
+
+
+def _more_metrics(cfg: DictConfig) -> str:
+    """The hint that task.metrics logs more (e.g. ' (more with task.metrics=[top5, f1_macro, ...])')."""
+    from trainrun.metrics import EXTRAS
+
+    extras = EXTRAS.get(cfg.task.name) if cfg.task.get("_target_") is None else None
+    return f" (more with task.metrics=[{', '.join(extras)}])" if extras else ""
 
 
 # Techniques that read class-index targets: a task whose targets are not class indices refuses them.
