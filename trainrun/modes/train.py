@@ -117,8 +117,8 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
         if cfg.logger.plots and run.info.is_main:
             from trainrun.plots import plot_evaluation, plot_finished
 
-            plot_finished(run.dir)
-            plot_evaluation(run.dir, trainer.task.last_evaluation, title=run.dir.name)
+            if plot_finished(run.dir):  # [] after a failed write (one warning said so): the disk is full
+                plot_evaluation(run.dir, trainer.task.last_evaluation, title=run.dir.name)
             _write_report(run, logger)
         exit_code = 0
         return {**final, "finished": done, "signal": None if done else stop.signum}
