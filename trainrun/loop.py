@@ -180,8 +180,8 @@ def evaluate(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, 
 @torch.no_grad()
 def measure(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, device: torch.device,
             channels_last: bool = False, task: Optional[Task] = None):
-    """One pass over the stream into the task's evaluation accumulator (torchmetrics for the built-in tasks,
-    updated batch by batch; each rank measures the whole stream, so no metric is synced across ranks)."""
+    """One pass over the stream into the task's evaluation accumulator (trainrun.metrics), updated batch by batch;
+    each rank measures the whole stream, so no metric is synced across ranks."""
     if task is None:
         from trainrun.tasks.classification import Classification
 

@@ -321,88 +321,78 @@ class RegressionMetrics(Evaluation):
 # run that asks for no extra metric computes its base metrics from these counts and never imports it. Each keeps
 # the small Metric interface the evaluation uses: update / compute / to / metric_state / merge_state.
 
-class ConfusionCounts:
+class _Summed:
+    """One tensor that adds up over batches (and over evaluations merged with `merge_state`)."""
+    state_name = "total"
+
+    def __init__(self, total: torch.Tensor):
+        self.total = total
+
+    def to(self, device) -> "_Summed":
+        self.total = self.total.to(device)
+        return self
+
+    def compute(self):
+        return self.total
+
+    @property
+    def metric_state(self) -> Dict[str, torch.Tensor]:
+        return {self.state_name: self.total}
+
+    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.total = self.total + state[self.state_name].to(self.total.device)
+
+
+class ConfusionCounts(_Summed):
     """[true, predicted] counts of argmax predictions, as torchmetrics' MulticlassConfusionMatrix."""
+    state_name = "confmat"
 
     def __init__(self, num_classes: int):
+        super().__init__(torch.zeros(num_classes, num_classes, dtype=torch.long))
         self.num_classes = num_classes
-        self.confmat = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
-    def to(self, device) -> "ConfusionCounts":
-        self.confmat = self.confmat.to(device)
-        return self
+    @property
+    def confmat(self) -> torch.Tensor:
+        return self.total
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         k = self.num_classes
         cells = target.long() * k + logits.argmax(1)
-        self.confmat += torch.bincount(cells, minlength=k * k).reshape(k, k)
-
-    def compute(self) -> torch.Tensor:
-        return self.confmat
-
-    @property
-    def metric_state(self) -> Dict[str, torch.Tensor]:
-        return {"confmat": self.confmat}
-
-    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self.confmat = self.confmat + state["confmat"].to(self.confmat.device)
+        self.total += torch.bincount(cells, minlength=k * k).reshape(k, k)
 
 
-class StatCounts:
+class StatCounts(_Summed):
     """[tp, fp, tn, fn, support] over every 0/1 prediction, as torchmetrics' Binary/Multilabel StatScores (micro)."""
+    state_name = "counts"
 
     def __init__(self):
-        self.counts = torch.zeros(5, dtype=torch.long)
-
-    def to(self, device) -> "StatCounts":
-        self.counts = self.counts.to(device)
-        return self
+        super().__init__(torch.zeros(5, dtype=torch.long))
 
     def update(self, preds: torch.Tensor, truth: torch.Tensor) -> None:
         p, t = preds.bool(), truth.bool()
         tp, fp, fn = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
         tn = p.numel() - tp - fp - fn
-        self.counts += torch.stack([tp, fp, tn, fn, tp + fn])
-
-    def compute(self) -> torch.Tensor:
-        return self.counts
-
-    @property
-    def metric_state(self) -> Dict[str, torch.Tensor]:
-        return {"counts": self.counts}
-
-    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self.counts = self.counts + state["counts"].to(self.counts.device)
+        self.total += torch.stack([tp, fp, tn, fn, tp + fn])
 
 
-class RegressionSums:
+class RegressionSums(_Summed):
     """MAE, RMSE over every output value and R^2 averaged uniformly over outputs (scikit-learn's r2_score: a
     constant target scores 1 if predicted exactly, else 0), from float64 sums."""
+    state_name = "sums"
 
     def __init__(self, size: int):
-        self.sums = torch.zeros(5, size, dtype=torch.float64)  # abs err, sq err, y, y^2, count per output
-
-    def to(self, device) -> "RegressionSums":
-        self.sums = self.sums.to(device)
-        return self
+        super().__init__(torch.zeros(5, size, dtype=torch.float64))  # abs err, sq err, y, y^2, count per output
 
     def update(self, pred: torch.Tensor, truth: torch.Tensor) -> None:
         err = pred - truth
-        self.sums += torch.stack([err.abs().sum(0), (err * err).sum(0), truth.sum(0), (truth * truth).sum(0),
-                                  torch.full_like(truth[0], len(truth))])
+        self.total += torch.stack([err.abs().sum(0), (err * err).sum(0), truth.sum(0), (truth * truth).sum(0),
+                                   torch.full_like(truth[0], len(truth))])
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        abs_err, sq_err, y, y2, n = self.sums
+        abs_err, sq_err, y, y2, n = self.total
         total = n.sum()
         ss_tot = y2 - y * y / n.clamp_min(1)
         exact = torch.where(sq_err == 0, torch.ones_like(sq_err), torch.zeros_like(sq_err))
         r2 = torch.where(ss_tot > 0, 1 - sq_err / ss_tot.clamp_min(1e-300), exact)
         return {"mae": abs_err.sum() / total, "rmse": (sq_err.sum() / total).sqrt(),
                 "r2": r2.mean() if float(n[0]) >= 2 else torch.tensor(float("nan"), dtype=torch.float64)}
-
-    @property
-    def metric_state(self) -> Dict[str, torch.Tensor]:
-        return {"sums": self.sums}
-
-    def merge_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self.sums = self.sums + state["sums"].to(self.sums.device)
