@@ -102,6 +102,7 @@ class RegularizationConfig:
     stochastic_depth: float = 0.0  # drop probability of the last residual block (linear in depth)
     ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation and saved in checkpoints
     ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) early on
+    ema_every: int = 1  # update the EMA every N optimizer steps (decay adjusted for the interval, as torchvision's reference)
     early_stopping_patience: int = 0  # evaluations without improvement of checkpoint.monitor; 0 = off
     early_stopping_min_delta: float = 0.0
     restore_best: bool = True  # on early stop, load the best weights before the final checkpoint
@@ -165,6 +166,22 @@ class DataConfig:
     limit_train: Optional[int] = None  # use only the first N training samples (smoke runs)
     limit_val: Optional[int] = None
     resize: Optional[int] = None  # digits / mnist5k / tensors: resize images to this square size (bilinear)
+    # augmentation policies (torchvision.transforms.v2), training split only, with data.augment=true
+    policy: str = "none"  # none | autoaugment | randaugment | trivialaugment | augmix
+    autoaugment_policy: str = "imagenet"  # policy=autoaugment: imagenet | cifar10 | svhn
+    randaugment_num_ops: int = 2  # policy=randaugment
+    randaugment_magnitude: int = 9  # policy=randaugment
+    augmix_severity: int = 3  # policy=augmix
+    color_jitter: float = 0.0  # > 0: ColorJitter(brightness=contrast=saturation=v)
+    crop_scale: List[float] = field(default_factory=lambda: [0.25, 1.0])  # RandomResizedCrop area range (image files)
+    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 4 / 3])  # RandomResizedCrop aspect-ratio range
+    interpolation: str = "bilinear"  # bilinear | bicubic | nearest: resizes and crops of image files
+    train_crop_size: Optional[int] = None  # image files: training crop size (default image_size)
+    val_resize_size: Optional[int] = None  # image files: resize the short side to this before the centre crop
+    val_crop_size: Optional[int] = None  # image files: evaluation centre-crop size (default image_size)
+    mean: Optional[List[float]] = None  # normalisation (default: the dataset's own constants)
+    std: Optional[List[float]] = None
+    ra_reps: int = 1  # repeated augmentation: each sample k times per epoch, differently augmented (DeiT / torchvision)
     # synthetic: Gaussian class clusters, for tests and benchmarks
     num_samples: int = 1024
     num_classes: Optional[int] = None  # model outputs; default: inferred from the labels (synthetic: 10)
@@ -209,6 +226,9 @@ class CheckpointConfig:
     keep_best: bool = True  # also keep the best checkpoint by `monitor`
     monitor: str = "val/acc"
     monitor_mode: str = "max"  # max | min
+    keep_every_n_steps: int = 0  # > 0: also keep every checkpoint whose step is a multiple of it (milestones, forever)
+    async_save: bool = False  # snapshot to host memory at the step boundary, write on a background thread
+    format: str = "full"  # full (one state.pt) | sharded (FSDP2: each rank's shard via torch.distributed.checkpoint)
 
 
 @dataclass
@@ -273,7 +293,7 @@ class TrainrunConfig:
     callbacks: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     mode: str = "train"  # train | eval | test | predict | export | init_report | lr_find | overfit_batch
-    resume: Optional[str] = None  # run dir, checkpoint dir, or `latest`
+    resume: Optional[str] = None  # run dir, checkpoint dir, `latest`, or `auto` (continue run_name if it has a checkpoint, else start it)
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it
     run_name: Optional[str] = None  # fixed run directory name (default: a timestamp)
