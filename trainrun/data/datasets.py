@@ -418,14 +418,14 @@ def _image_folder_parts(root: Path, cfg, loader):
 
 
 def load_imagefolder_set(cfg) -> Split:
-    import torchvision
+    from trainrun.data.decode import load_rgb
 
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data=imagefolder: directory {root} not found; set data.root to a folder of class sub-folders")
     size = cfg.image_size
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    loader = lambda p: torchvision.datasets.folder.default_loader(p)  # noqa: E731  (RGB PIL image)
+    loader = load_rgb  # RGB uint8 [3, H, W]; JPEGs by decode_jpeg, the same pixels as PIL (trainrun/data/decode.py)
     try:
         parts = _image_folder_parts(root, cfg, loader)
     except FileNotFoundError as e:
