@@ -258,8 +258,19 @@ def _disk_full_message(run_dir: Path, final: Path, written: int) -> str:
 
 
 def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], *, keep_last: int,
-         metric: Optional[float] = None, mode: str = "max", keep_best: bool = True) -> Tuple[Path, str]:
+         metric: Optional[float] = None, mode: str = "max", keep_best: bool = True,
+         keep_every_n_steps: int = 0) -> Tuple[Path, str]:
     """Write checkpoint `step` atomically, update `latest` (and `best`), apply retention. Returns (dir, sha256)."""
+    final, sha = write(run_dir, step, state, meta, metric)
+    publish(run_dir, final, metric, mode=mode, keep_best=keep_best, keep_last=keep_last,
+            keep_every_n_steps=keep_every_n_steps)
+    return final, sha
+
+
+def write(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any],
+          metric: Optional[float] = None) -> Tuple[Path, str]:
+    """The checkpoint folder `checkpoints/step_N`, complete and fsynced (written under a temporary name, then
+    renamed); no pointer moves here. Returns (dir, sha256 of state.pt)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
@@ -303,6 +314,13 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
             raise CheckpointError(f"could not write checkpoint {final} ({e.strerror or e}); the previous "
                                   f"checkpoint is intact; free disk space or change output_root") from e
         raise
+    return final, sha
+
+
+def publish(run_dir: Path, final: Path, metric: Optional[float], *, mode: str, keep_best: bool, keep_last: int,
+            keep_every_n_steps: int = 0) -> None:
+    """After `write`: `latest` (and `best`) name the new checkpoint, then retention."""
+    root = Path(run_dir) / "checkpoints"
     try:
         write_pointer(run_dir, "latest", final)
     except OSError as e:
@@ -311,8 +329,7 @@ def save(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str, Any], 
                               f"then continue with resume={Path(run_dir)}") from e
     if keep_best and metric is not None and is_better(metric, _pointer_metric(run_dir, "best"), mode):
         write_pointer(run_dir, "best", final)
-    _retain(run_dir, keep_last)
-    return final, sha
+    _retain(run_dir, keep_last, keep_every_n_steps)
 
 
 def _pointer_metric(run_dir: Path, name: str) -> Optional[float]:
@@ -336,9 +353,14 @@ def is_better(value: float, best: Optional[float], mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _retain(run_dir: Path, keep_last: int) -> None:
+def _retain(run_dir: Path, keep_last: int, keep_every_n_steps: int = 0) -> None:
+    """Delete the checkpoints nothing keeps: the newest `keep_last`, the pointers' targets (latest, best) and the
+    milestones (a step that is a multiple of keep_every_n_steps) stay. A folder being written is not yet a
+    `step_*` folder (it is `.tmp-...-PID`), so retention never sees it."""
     ckpts = list_checkpoints(run_dir)
     keep = {p.name for p in ckpts[-keep_last:]}
+    if keep_every_n_steps > 0:
+        keep.update(p.name for p in ckpts if int(p.name[5:]) % keep_every_n_steps == 0)
     for name in ("latest", "best"):
         target = read_pointer(run_dir, name)
         if target is not None:
@@ -498,6 +520,168 @@ def save_badstep(run_dir: Path, step: int, state: Dict[str, Any], meta: Dict[str
     return dest
 
 
+# --- asynchronous save: a host-memory snapshot at the step boundary, written on a background thread -------------
+
+_SNAPSHOT_LOCATIONS: Dict[int, str] = {}  # a snapshot storage's StorageImpl -> where its original lived
+
+
+def _snapshot_location(storage) -> Optional[str]:
+    """torch.save's location tagger for snapshot storages: the original's device ("cuda:0"), so an asynchronous
+    save writes the same bytes as a synchronous one (torch.load maps the storage to its device as usual)."""
+    return _SNAPSHOT_LOCATIONS.get(getattr(storage, "_cdata", None))
+
+
+def _register_snapshot_tagger() -> None:
+    if not any(tagger is _snapshot_location for _, tagger, _ in torch.serialization._package_registry):
+        torch.serialization.register_package(0, _snapshot_location, lambda storage, location: None)
+
+
+def snapshot(obj: Any, _memo: Optional[Dict[Any, Any]] = None) -> Any:
+    """A host-memory copy of a state (training goes on mutating the live tensors in place) that torch.save writes
+    byte for byte as it writes the state: each storage copied once with every tensor's offset, size and stride over
+    it (views and shared storages stay shared), the original device recorded as the storage's location, and
+    containers rebuilt as `canonical` rebuilds them. Immutable leaves are shared, other objects deep-copied."""
+    memo = {} if _memo is None else _memo
+    if isinstance(obj, torch.Tensor):
+        return _snapshot_tensor(obj, memo)
+    if isinstance(obj, dict):
+        return {k: snapshot(v, memo) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot(v, memo) for v in obj)
+    if obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.dtype, torch.device)):
+        return obj
+    import copy
+
+    return copy.deepcopy(obj)
+
+
+def _snapshot_tensor(t: torch.Tensor, memo: Dict[Any, Any]) -> torch.Tensor:
+    if id(t) in memo:
+        return memo[id(t)]
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.is_sparse or t.is_quantized or t.is_nested:
+        out = t.detach().clone().cpu()  # layouts without one plain storage: a copy (bytes may differ from sync)
+    else:
+        storage = t.untyped_storage()
+        key = ("storage", storage._cdata)
+        copy = memo.get(key)
+        if copy is None:
+            location = torch.serialization.location_tag(storage)
+            copy = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+            memo[key] = copy
+            if location != "cpu":
+                _register_snapshot_tagger()
+                _SNAPSHOT_LOCATIONS[copy._cdata] = location
+            memo.setdefault("storages", []).append(copy)
+        out = torch.empty((), dtype=t.dtype).set_(copy, t.storage_offset(), t.size(), t.stride())
+        if isinstance(t, torch.nn.Parameter):
+            out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+        elif t.requires_grad:
+            out.requires_grad_(True)
+    memo[id(t)] = out
+    return out
+
+
+def release_snapshot(state: Any) -> None:
+    """Forget the locations recorded for a snapshot's storages once it has been written."""
+    for storage in _storages(state):
+        _SNAPSHOT_LOCATIONS.pop(storage._cdata, None)
+
+
+def _storages(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj.untyped_storage()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _storages(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _storages(v)
+
+
+class AsyncWriter:
+    """At most one checkpoint write in flight, on a background thread.
+
+    `submit(fn)` first waits for the write in flight (so a slow disk throttles the saves rather than queueing
+    snapshots in memory), then runs `fn` on a new thread. `wait()` blocks until the write in flight is done and
+    returns its result, or raises its error, on the caller's thread. The thread is a daemon: a process that dies
+    (kill -9, or an exit that skips `wait`) abandons the write half-way, which leaves a `.tmp-` folder that the
+    next save removes, and `latest` naming the previous complete checkpoint."""
+
+    def __init__(self):
+        self._thread = None
+        self._outcome: Tuple[Any, Optional[BaseException]] = (None, None)
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None
+
+    def submit(self, fn) -> Any:
+        """Start `fn` in the background; returns the previous write's result (None if there was none)."""
+        import threading
+
+        previous = self.wait()
+
+        def target():
+            try:
+                self._outcome = (fn(), None)
+            except BaseException as e:  # noqa: BLE001  (re-raised on the training thread by wait)
+                self._outcome = (None, e)
+
+        self._thread = threading.Thread(target=target, name="trainrun-checkpoint", daemon=True)
+        self._thread.start()
+        return previous
+
+    def wait(self) -> Any:
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        (result, error), self._outcome = self._outcome, (None, None)
+        if error is not None:
+            raise error
+        return result
+
+
+# --- space: what a run's checkpoints will take -------------------------------------------------------------------
+
+def save_steps(total: int, ckpt_every: int, start: int = 0) -> List[int]:
+    """The steps in (start, total] at which training saves: every ckpt_every-th, and the final one."""
+    return sorted({*range((start // ckpt_every + 1) * ckpt_every, total + 1, ckpt_every), total} - set(range(start + 1)))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def space_plan(run_dir: Path, state_bytes: int, steps: List[int], *, keep_last: int, keep_best: bool,
+               keep_every_n_steps: int) -> Tuple[str, bool]:
+    """One line: a checkpoint's size, how many retention keeps at most (keep_last, best, the one being written,
+    the milestones among `steps`), their total and the free space; and whether the total exceeds the free space.
+    `state_bytes`: the measured byte size of the state (torch.save adds a few KiB of pickle)."""
+    each = state_bytes + (64 << 10)
+    at_once = min(keep_last + int(keep_best) + 1, len(steps) or 1)
+    milestones = [s for s in steps if keep_every_n_steps > 0 and s % keep_every_n_steps == 0]
+    total = each * (at_once + len(milestones))
+    where = Path(run_dir)
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    kept = f"at most {at_once} at once" + (f" + {len(milestones)} milestones" if keep_every_n_steps > 0 else "")
+    line = (f"checkpoints: ~{_size(each)} each, {kept} = ~{_size(total)} in {where} "
+            f"(disk free: {_size(free) if free is not None else 'unknown'})")
+    return line, free is not None and total > free
+
+
 def check(cfg) -> None:
     """Range checks of the checkpoint section (the rules that span sections are in config.validate)."""
     from trainrun.checks import SectionChecks
@@ -505,3 +689,4 @@ def check(cfg) -> None:
     checks = SectionChecks(cfg, "checkpoint")
     checks.one_of("monitor_mode", ("max", "min"))
     checks.positive("keep_last")
+    checks.positive("keep_every_n_steps", allow_zero=True)  # 0: no milestones
