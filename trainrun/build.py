@@ -267,7 +267,7 @@ def _build_training(cfg, run_dir, info, device, split, task, model, net, paralle
     schedule = Schedule(cfg.schedule, total, steps_per_epoch, monitor_mode=cfg.checkpoint.monitor_mode)
     precision = PrecisionPolicy(cfg.precision, device)
     augment = BatchAugment(reg, split.num_classes)  # validate() allows MixUp/CutMix only for tasks that mix targets
-    ema = EMA(model, reg.ema_decay, reg.ema_warmup) if reg.ema_decay > 0 else None
+    ema = EMA.from_config(model, reg, global_batch, total / steps_per_epoch, schedule.warmup)  # None when off
     early = EarlyStopping(reg.early_stopping_patience, reg.early_stopping_min_delta, cfg.checkpoint.monitor_mode,
                           reg.restore_best) if reg.early_stopping_patience > 0 else None
     # The compiled module runs the steps; `net`/`model` stay the uncompiled owners of the weights, so

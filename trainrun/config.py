@@ -102,7 +102,10 @@ class RegularizationConfig:
     stochastic_depth: float = 0.0  # drop probability of the last residual block (linear in depth)
     ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, used for evaluation and saved in checkpoints
     ema_warmup: bool = True  # decay min(ema_decay, (1 + t) / (10 + t)) early on
-    ema_every: int = 1  # update the EMA every N optimizer steps (decay adjusted for the interval, as torchvision's reference)
+    ema_every: int = 1  # update the EMA every N optimizer steps
+    # none: ema_decay per update as given | reference: torchvision's (decay adjusted by global batch x ema_every /
+    # epochs, the weights copied during the LR warmup); see trainrun.regularization.reference_ema_decay
+    ema_adjust: str = "none"
     early_stopping_patience: int = 0  # evaluations without improvement of checkpoint.monitor; 0 = off
     early_stopping_min_delta: float = 0.0
     restore_best: bool = True  # on early stop, load the best weights before the final checkpoint

@@ -132,18 +132,24 @@ def stochastic_depth_rates(p: float, n: int) -> List[float]:
 
 
 def add_stochastic_depth(model: nn.Module, p: float) -> int:
-    """Drop each residual branch per sample with probability p * l / L for block l of L (Huang et al. 2016).
+    """Drop each residual branch per sample: ResNet blocks with probability p * l / L for block l of L (Huang et al.
+    2016, torchvision's rule), ViT blocks with timm's drop_path_rate rule (linspace(0, p, L); models/vit.py).
 
-    Implemented as forward hooks on the branch's last norm, so the state dict keys do not change.
-    Returns the number of blocks; raises if the model has no residual blocks.
+    Implemented as forward hooks on the branch's output, so the state dict keys do not change.
+    Returns the number of blocks; raises if the model has neither kind of block.
     """
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from torchvision.ops import stochastic_depth
 
+    from trainrun.models.vit import add_drop_path
+
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     if not blocks:
-        raise ConfigError("regularization.stochastic_depth needs a model with residual blocks (resnet18/resnet50); "
-                          "set it to 0 for this model")
+        vit_blocks = add_drop_path(model, p)
+        if vit_blocks:
+            return vit_blocks
+        raise ConfigError("regularization.stochastic_depth needs a model with residual blocks (resnet18/resnet50, "
+                          "vit_tiny); set it to 0 for this model")
     for block, rate in zip(blocks, stochastic_depth_rates(p, len(blocks))):
         last_norm = block.bn3 if isinstance(block, Bottleneck) else block.bn2
         last_norm.register_forward_hook(
@@ -153,19 +159,49 @@ def add_stochastic_depth(model: nn.Module, p: float) -> int:
 
 # --- EMA of weights --------------------------------------------------------------------------
 
-class EMA:
-    """Exponential moving average of the weights: ema = d * ema + (1 - d) * w after each optimizer step.
+def reference_ema_decay(decay: float, global_batch: int, every: int, epochs: float) -> float:
+    """torchvision's references/classification/train.py adjustment (from pycls): with
+    adjust = global batch x EMA interval / epochs, alpha = min(1, (1 - decay) * adjust); the EMA decays by 1 - alpha.
+    It keeps the averaging horizon the same share of the run whatever the batch, the interval and the length."""
+    alpha = min(1.0, (1.0 - decay) * (global_batch * every / epochs))
+    return 1.0 - alpha
 
-    With warmup, d_t = min(decay, (1 + t) / (10 + t)) so early averages are not dominated by the init.
+
+class EMA:
+    """Exponential moving average of the weights: ema = d * ema + (1 - d) * w, every `every` applied optimizer steps
+    (after steps 1, 1 + every, 1 + 2 every, ...; a step the NaN guard skips does not count).
+
+    Two styles. trainrun's (reference_warmup_steps None): with warmup, d_t = min(decay, (1 + t) / (10 + t)) for the
+    t-th update, so early averages are not dominated by the init. torchvision's reference (an int): the EMA is an
+    AveragedModel whose first update copies the weights, and an update after step <= reference_warmup_steps (the LR
+    warmup) resets its count, so the next update copies again; the average starts only after the warmup.
     Float buffers (BatchNorm statistics) are averaged too; integer buffers are copied.
     """
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        self.decay, self.warmup, self.updates = decay, warmup, 0
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, every: int = 1,
+                 reference_warmup_steps: Optional[int] = None):
+        self.decay, self.warmup, self.every = decay, warmup, every
+        self.reference_warmup_steps = reference_warmup_steps
+        self.updates = 0  # EMA updates made
+        self.steps = 0  # update() calls: applied optimizer steps
+        self.averaged = 0  # reference style: AveragedModel.n_averaged (0: the next update copies)
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self._pairs(model)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, reg, global_batch: int, epochs: float,
+                    warmup_steps: int) -> Optional["EMA"]:
+        """The EMA the regularization section asks for (None with ema_decay 0): `epochs` is the run's length in epochs
+        and `warmup_steps` the schedule's warmup, both used only by ema_adjust=reference."""
+        if reg.ema_decay <= 0:
+            return None
+        every = getattr(reg, "ema_every", 1) or 1
+        if getattr(reg, "ema_adjust", "none") == "reference":
+            return cls(model, reference_ema_decay(reg.ema_decay, global_batch, every, epochs), warmup=False,
+                       every=every, reference_warmup_steps=warmup_steps)
+        return cls(model, reg.ema_decay, reg.ema_warmup, every=every)
 
     def _pairs(self, model: nn.Module) -> None:
         ema_state = dict(self.module.named_parameters()) | dict(self.module.named_buffers())
@@ -180,18 +216,40 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        d = self.current_decay()
-        torch._foreach_lerp_([e for e, _ in self.float_pairs], [s.detach() for _, s in self.float_pairs], 1.0 - d)
+        """Called after every applied optimizer step; averages on the steps of the interval only."""
+        self.steps += 1
+        if (self.steps - 1) % self.every:
+            return
+        if self.reference_warmup_steps is None:
+            d = self.current_decay()
+            torch._foreach_lerp_([e for e, _ in self.float_pairs], [s.detach() for _, s in self.float_pairs], 1.0 - d)
+        else:
+            self._reference_update()
         for e, s in self.other_pairs:
             e.copy_(s)
         self.updates += 1
 
+    def _reference_update(self) -> None:
+        ema, src = [e for e, _ in self.float_pairs], [s.detach() for _, s in self.float_pairs]
+        if self.averaged == 0:
+            torch._foreach_copy_(ema, src)
+        else:  # decay * ema + (1 - decay) * w, the reference's own arithmetic (not lerp), so it matches bit for bit
+            torch._foreach_mul_(ema, self.decay)
+            torch._foreach_add_(ema, torch._foreach_mul(src, 1.0 - self.decay))
+        self.averaged += 1
+        if self.steps <= self.reference_warmup_steps:
+            self.averaged = 0
+
     def state_dict(self) -> Dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
+        return {"module": self.module.state_dict(), "updates": self.updates, "steps": self.steps,
+                "averaged": self.averaged}
 
     def load_state_dict(self, state: Dict) -> None:
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
+        # checkpoints from before ema_every updated on every step: steps == updates there
+        self.steps = int(state.get("steps", self.updates))
+        self.averaged = int(state.get("averaged", self.updates))
 
 
 # --- early stopping --------------------------------------------------------------------------
@@ -244,6 +302,11 @@ def check(cfg) -> None:
     checks.positive("focal_gamma", "mixup_alpha", "cutmix_alpha", "early_stopping_patience",
                     "early_stopping_min_delta", allow_zero=True)
     checks.unit("label_smoothing", "dropout", "stochastic_depth", "ema_decay")
+    checks.positive("ema_every")
+    checks.one_of("ema_adjust", ("none", "reference"))
+    if cfg.ema_adjust == "reference" and cfg.ema_warmup:
+        checks.fail("ema_warmup", "ema_adjust=reference warms the EMA up as torchvision's reference does (it copies "
+                                  "the weights during the LR warmup); set regularization.ema_warmup=false")
     checks.unit("mix_prob", "switch_prob", "random_erasing", closed=True)
     weights = cfg.class_weights
     if weights is not None and (not len(weights) or min(weights) < 0):

@@ -28,6 +28,8 @@ curve is re-stretched over the new length and `horizon_change` says what that do
 Warmup: the first non-zero of warmup_steps / warmup_fraction / warmup_epochs; when none of them is
 set at all, the schedule option's `default_warmup_fraction` (5% for warmup_cosine, ...). So an
 explicit key, zero included, wins over the option's default.
+The linear warmup starts from `warmup_start_factor` (0 by default, as transformers; torchvision's
+reference recipes start from --lr-warmup-decay 0.01 with torch LinearLR, stepped per epoch there, per step here).
 
 `plateau` is the one stateful schedule: `on_eval(value)` updates its counters, `state_dict()` carries
 them (plain ints/floats, loadable with `torch.load(weights_only=True)`), and a reduction takes effect
@@ -61,6 +63,8 @@ class ScheduleConfig:
     warmup_fraction: Optional[float] = None  # of the total optimizer steps
     warmup_epochs: Optional[float] = None
     default_warmup_fraction: float = 0.0  # set by the schedule option (configs/schedule/*.yaml), not by users
+    # the LR factor the linear warmup starts from (torch LinearLR's start_factor; torchvision's --lr-warmup-decay)
+    warmup_start_factor: float = 0.0
     total_steps: Optional[int] = None  # the schedule's horizon in optimizer steps; null: the run's length
     min_lr_ratio: float = 0.0  # cosine/linear/wsd/polynomial end at lr * min_lr_ratio
     step_size: int = 0  # step: multiply by gamma every step_size optimizer steps
@@ -111,6 +115,7 @@ class Schedule:
                         "reaches optimizer.lr; shorten the warmup or train longer", key, getattr(cfg, key), wanted,
                         self.total)
         self.min_ratio, self.gamma, self.step_size = cfg.min_lr_ratio, cfg.gamma, cfg.step_size
+        self.start_factor = getattr(cfg, "warmup_start_factor", 0.0) or 0.0
         self.decay_type = cfg.decay_type
         # polynomial
         self.power = cfg.power
@@ -261,11 +266,17 @@ class Schedule:
 SCHEDULES = Registry("schedule.name")  # name -> multiplier(schedule, t): the LR factor of optimizer step t
 
 
+def linear_warmup(schedule: Schedule, t: int) -> float:
+    """torch LinearLR(start_factor=s, total_iters=warmup) in closed form: s + (1 - s) * t / warmup."""
+    s = schedule.start_factor
+    return s + (1.0 - s) * (t / max(1, schedule.warmup))
+
+
 def after_linear_warmup(shape: Callable[[Schedule, int], float]) -> Callable[[Schedule, int], float]:
-    """The LR rises linearly from 0 over the warmup steps, then follows `shape`."""
+    """The LR rises linearly from warmup_start_factor (default 0) over the warmup steps, then follows `shape`."""
     def multiplier(schedule: Schedule, t: int) -> float:
         if t < schedule.warmup:
-            return t / max(1, schedule.warmup)
+            return linear_warmup(schedule, t)
         return shape(schedule, t)
     multiplier.__doc__ = shape.__doc__
     return multiplier
@@ -290,7 +301,7 @@ def _linear(schedule: Schedule, t: int) -> float:
 
 def _plateau(schedule: Schedule, t: int) -> float:
     """the LR times factor whenever checkpoint.monitor stops improving (ReduceLROnPlateau)"""
-    return (t / max(1, schedule.warmup) if t < schedule.warmup else 1.0) * schedule.scale
+    return (linear_warmup(schedule, t) if t < schedule.warmup else 1.0) * schedule.scale
 
 
 SCHEDULES.register("constant", after_linear_warmup(lambda schedule, t: 1.0), doc="constant LR after the warmup")
@@ -320,7 +331,11 @@ def check(cfg) -> None:
     checks.positive("warmup_steps", "warmup_fraction", "warmup_epochs", "min_lr_ratio", "step_size", "patience",
                     "cooldown", "threshold", allow_zero=True)
     checks.unit("warmup_fraction", "default_warmup_fraction", "factor")
-    checks.unit("decay_fraction", "pct_start", "min_lr_ratio", "gamma", closed=True)
+    checks.unit("decay_fraction", "pct_start", "min_lr_ratio", "gamma", "warmup_start_factor", closed=True)
+    if cfg.warmup_start_factor and cfg.name in ("wsd", "onecycle"):
+        checks.fail("warmup_start_factor", f"schedule={cfg.name} sets where its warmup starts itself ("
+                                           + ("schedule.min_lr_ratio" if cfg.name == "wsd" else "lr/div_factor")
+                                           + "); set schedule.warmup_start_factor=0")
     warmups = [key for key in WARMUP_KEYS if getattr(cfg, key)]
     if cfg.name == "onecycle" and warmups:
         checks.fail(warmups[0], "schedule=onecycle has its own warmup (schedule.pct_start); set "

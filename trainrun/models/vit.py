@@ -1,6 +1,8 @@
 """Vision Transformers from torchvision's VisionTransformer, sized for small images."""
 from __future__ import annotations
 
+from typing import List
+
 import torch.nn as nn
 
 from trainrun.errors import ConfigError
@@ -39,4 +41,30 @@ def mark_residual_projections(model: nn.Module) -> int:
         block.self_attention.out_proj._residual_projection = True
         [m for m in block.mlp if isinstance(m, nn.Linear)][-1]._residual_projection = True
     model.num_layers = len(blocks)
+    return len(blocks)
+
+
+def drop_path_rates(rate: float, depth: int) -> List[float]:
+    """timm's `drop_path_rate` rule: block i of `depth` drops with probability linspace(0, rate, depth)[i], so the
+    first block never drops and the last drops with `rate` (timm VisionTransformer's dpr list)."""
+    import torch
+
+    return [x.item() for x in torch.linspace(0, rate, depth)]
+
+
+def add_drop_path(model: nn.Module, rate: float) -> int:
+    """Stochastic depth for the ViT blocks (timm's DropPath): each block's attention and MLP branch is zeroed per sample
+    with its block's rate, and kept samples are scaled by 1 / (1 - rate). Forward hooks on the branch outputs (the
+    attention dropout, the MLP), so the state dict keys do not change; masks draw from the global torch RNG, which
+    checkpoints capture, in timm's order (block by block, attention before MLP). Returns the number of blocks."""
+    from torchvision.models.vision_transformer import EncoderBlock
+    from torchvision.ops import stochastic_depth
+
+    blocks = [m for m in model.modules() if isinstance(m, EncoderBlock)]
+    for block, block_rate in zip(blocks, drop_path_rates(rate, len(blocks))):
+        if block_rate == 0:
+            continue
+        for branch in (block.dropout, block.mlp):
+            branch.register_forward_hook(
+                lambda mod, inp, out, p=block_rate: stochastic_depth(out, p, "row", training=mod.training))
     return len(blocks)
