@@ -142,6 +142,10 @@ def build(cfg: DictConfig, run_dir: Path, resumed: Optional[Resumed] = None,
     if parallel == "fsdp2" and cfg.regularization.ema_decay > 0:
         raise ConfigError("regularization.ema_decay with trainer.parallel=fsdp2 is not supported yet (the EMA copy "
                           "would be sharded); use trainer.parallel=ddp or ema_decay=0")
+    if cfg.checkpoint.format == "sharded":
+        from trainrun.checkpoint_sharded import check_run
+
+        check_run(cfg, parallel)
     net = distributed.wrap(model, parallel, info, device, DTYPES[cfg.precision.name], cfg.trainer.sync_batchnorm)
     run = _build_training(cfg, run_dir, info, device, split, task, model, net, parallel, finetuner)
     run.resumed, run.data_changed_from = resumed, data_changed_from
@@ -436,6 +440,11 @@ def state_dict(run: Run) -> Dict[str, Any]:
 def restore(run: Run) -> None:
     """Load `run.resumed` into the built run: every registered part (check_state has vetted each already)."""
     state, meta = run.resumed.state, run.resumed.meta
+    from trainrun import checkpoint_sharded
+
+    if checkpoint_sharded.is_sharded(run.resumed.dir):  # the model and optimizer are in the shards, not in `state`
+        checkpoint_sharded.restore(run)
+        apply_hparams(run.optimizer, run.cfg.optimizer, run.global_batch, run.lr_scales)
     for name, part in sorted(run.parts.items(), key=lambda item: item[1].last):
         if part.load is None:
             continue

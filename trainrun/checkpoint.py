@@ -31,6 +31,8 @@ import torch
 from trainrun.errors import CheckpointError
 
 STATE, DIGEST, META = "state.pt", "state.pt.sha256", "meta.json"
+SHARDS = "dcp"  # checkpoint.format=sharded: the folder of torch.distributed.checkpoint files (checkpoint_sharded)
+_SHARD_NAME = re.compile(SHARDS + r"/(\.metadata|__[0-9]+_[0-9]+\.distcp)")
 RECORDS = ("test.json",)  # results about a checkpoint written after its save (mode=test): not part of its identity
 
 
@@ -384,7 +386,8 @@ def digests(ckpt_dir: Path) -> Dict[str, str]:
         out = {}
         for line in filter(str.strip, lines):
             sha, name = line.split()
-            if name not in (STATE, META) or name in out or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
+            known = name in (STATE, META) or _SHARD_NAME.fullmatch(name) is not None
+            if not known or name in out or len(sha) != 64 or set(sha) - set("0123456789abcdef"):
                 raise ValueError(line)
             out[name] = sha
         if STATE not in out:
@@ -430,6 +433,10 @@ def load(ckpt_dir: Path, map_location: Any = "cpu") -> Tuple[Dict[str, Any], Dic
     """Verify the SHA256, then unpickle with weights_only=True (a checkpoint never executes code)."""
     ckpt_dir = Path(ckpt_dir)
     state_path = ckpt_dir / STATE
+    if (ckpt_dir / SHARDS).is_dir():  # the model and optimizer are in per-rank shards, not in state.pt
+        from trainrun.checkpoint_sharded import refusal
+
+        raise CheckpointError(refusal(ckpt_dir, "loading its weights in one process"))
     if not state_path.is_file():
         raise CheckpointError(f"checkpoint not found: {state_path} does not exist; "
                               "pass a run directory, a checkpoints/step_* directory, or resume=latest")
@@ -689,4 +696,5 @@ def check(cfg) -> None:
     checks = SectionChecks(cfg, "checkpoint")
     checks.one_of("monitor_mode", ("max", "min"))
     checks.positive("keep_last")
+    checks.one_of("format", ("full", "sharded"))
     checks.positive("keep_every_n_steps", allow_zero=True)  # 0: no milestones

@@ -29,7 +29,8 @@ REFUSE_ON_CHANGE = ("model", "precision", "optimizer.name", "task.name", "task._
                     "finetune.train", "finetune.unfreeze_at", "finetune.unfreeze_unit", "finetune.lora_rank",
                     "finetune.lora_targets")
 IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name", "sweep_name")
-WEIGHTS_MODES = ("eval", "test", "predict", "export")  # modes that use a checkpoint's weights, not its training state
+WEIGHTS_MODES = ("eval", "test", "predict", "export", "consolidate")  # modes that use a checkpoint's weights, not
+# its training state (each writes into RUN/<mode>/<time>)
 _GROUPS = ("model", "optimizer", "precision")  # a changed `<group>.name` is undone with `<group>=<name>`
 
 
@@ -181,7 +182,12 @@ def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
     errors = []
     for cand in checkpoint.candidates(spec, Path(cfg.output_root), cfg.run_name):
         try:
-            state, meta = checkpoint.load(cand)
+            if (cand / checkpoint.SHARDS).is_dir():  # checkpoint.format=sharded: its own reader (a collective)
+                from trainrun.checkpoint_sharded import load_for_resume
+
+                state, meta = load_for_resume(cand, cfg.mode)
+            else:
+                state, meta = checkpoint.load(cand)
             _check_meta(meta, cand)
             for e in errors:
                 log.warning("skipped a bad checkpoint: %s", e)
@@ -423,7 +429,9 @@ def check_state(ckpt_dir: Path, state: Any, meta: Dict[str, Any], model: torch.n
     refuse = _Refuse(ckpt_dir)
     if not isinstance(state, dict):
         refuse(f"{checkpoint.STATE} holds a {type(state).__name__}, not a trainrun state mapping")
-    required = ("model",) + (("optimizer", "schedule", "scaler", "trainer", "rng") if optimizer is not None else ())
+    sharded = (Path(ckpt_dir) / checkpoint.SHARDS).is_dir()  # its optimizer is in the shards: DCP checks it at load
+    training = (() if sharded else ("optimizer",)) + ("schedule", "scaler", "trainer", "rng")
+    required = ("model",) + (training if optimizer is not None else ())
     missing = [k for k in required if k not in state]
     if missing:
         refuse(f"{checkpoint.STATE} has no {missing[0]!r} entry")
@@ -433,7 +441,8 @@ def check_state(ckpt_dir: Path, state: Any, meta: Dict[str, Any], model: torch.n
         if "ema" in state:
             _check_parts(refuse, {"ema": state["ema"], "schedule": {}, "scaler": {}}, model_sd)
         return
-    _check_optimizer(refuse, state["optimizer"], optimizer, optimizer_name)
+    if not sharded:
+        _check_optimizer(refuse, state["optimizer"], optimizer, optimizer_name)
     _check_trainer(refuse, state["trainer"], meta)
     _check_parts(refuse, state, model_sd)
     if distill is not None and "distill" in state:

@@ -19,7 +19,7 @@ from trainrun.build import Resumed, build, restore
 from trainrun.config import validate
 from trainrun.doctor import overfit_settings
 from trainrun.errors import ConfigError
-from trainrun.modes import MODES, RESTORES
+from trainrun.modes import CHECKPOINT_ONLY, MODES, RESTORES
 from trainrun.resume import (WEIGHTS_MODES, adopt_checkpoint_config, adopt_trained_sections, check_resume_compatible,
                              load_resume)
 from trainrun.seed import set_determinism
@@ -34,6 +34,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]] = None,
     t0 = time.perf_counter()
     validate(cfg)
     run_dir = Path(run_dir)
+    if cfg.mode in CHECKPOINT_ONLY:  # reads a checkpoint's files and writes new ones: no data, no model built
+        return MODES.get(cfg.mode)(cfg, run_dir, t0)
     overfit_changes = overfit_settings(cfg) if cfg.mode == "overfit_batch" else []
     cfg, resumed, resolved = prepare(cfg, run_dir, overrides, defaults)
     set_determinism(cfg.determinism)

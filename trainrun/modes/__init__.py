@@ -1,4 +1,5 @@
-"""One function per mode, each taking the built `Run`: train, eval, lr_find, overfit_batch, init_report."""
+"""One function per mode, each taking the built `Run`: train, eval, lr_find, overfit_batch, init_report; and the
+modes over a checkpoint's files alone (consolidate), which build nothing and take (cfg, run_dir)."""
 from __future__ import annotations
 
 from typing import Callable, Dict
@@ -20,19 +21,21 @@ MODES.register("overfit_batch", overfit_batch_mode)
 
 def _lazy(module: str, function: str) -> Callable:
     """A mode whose module is imported only when it runs (export pulls in onnx, predict writes files)."""
-    def mode(run, t0: float) -> Dict[str, float]:
+    def mode(*args) -> Dict[str, float]:
         import importlib
 
-        return getattr(importlib.import_module(f"trainrun.modes.{module}"), function)(run, t0)
+        return getattr(importlib.import_module(f"trainrun.modes.{module}"), function)(*args)
     return mode
 
 
 MODES.register("test", _lazy("test", "test_mode"))
 MODES.register("predict", _lazy("predict", "predict_mode"))
 MODES.register("export", _lazy("export", "export_mode"))
+MODES.register("consolidate", _lazy("consolidate", "consolidate_mode"))
+CHECKPOINT_ONLY = ("consolidate",)  # called as MODES[mode](cfg, run_dir, t0): nothing is built
 
 RESTORES = {"train": True, "eval": False, "init_report": False, "lr_find": False, "overfit_batch": False,
-            "test": False, "predict": False, "export": False}
+            "test": False, "predict": False, "export": False, "consolidate": False}
 """Whether the mode continues a checkpoint's training state (eval reads only the weights, itself)."""
 
-__all__ = ["MODES", "RESTORES"]
+__all__ = ["CHECKPOINT_ONLY", "MODES", "RESTORES"]
