@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from trainrun import storage
 from trainrun.errors import CheckpointError
 
 STATE, DIGEST, META = "state.pt", "state.pt.sha256", "meta.json"
@@ -332,6 +333,7 @@ def publish(run_dir: Path, final: Path, metric: Optional[float], *, mode: str, k
     if keep_best and metric is not None and is_better(metric, _pointer_metric(run_dir, "best"), mode):
         write_pointer(run_dir, "best", final)
     _retain(run_dir, keep_last, keep_every_n_steps)
+    storage.upload(run_dir, final)  # a run on object storage: the checkpoint verified in the store, then its pointers
 
 
 def _pointer_metric(run_dir: Path, name: str) -> Optional[float]:
@@ -483,12 +485,15 @@ def _newest_run(root: Path) -> Optional[Path]:
     return best
 
 
-def candidates(spec: str, output_root: Path, run_name: Optional[str] = None, key: str = "resume") -> List[Path]:
+def candidates(spec: str, output_root, run_name: Optional[str] = None, key: str = "resume") -> List[Path]:
     """Checkpoint dirs a resume spec points to, best first. For a run directory: every complete checkpoint found
-    by scanning `checkpoints/`, newest first, whatever `latest` says (it may be missing, stale or forged)."""
+    by scanning `checkpoints/`, newest first, whatever `latest` says (it may be missing, stale or forged). A URL
+    (s3://bucket/prefix/RUN) is first downloaded into its local staging copy (trainrun.storage.fetch)."""
+    if storage.is_url(spec):
+        spec = str(storage.fetch(spec, key))
     p = Path(spec)
     if spec == "latest":
-        root = Path(output_root)
+        root = storage.local_root(output_root)
         newest = (root / run_name) if run_name else _newest_run(root)
         if newest is None or not list_checkpoints(newest):
             raise CheckpointError(f"{key}=latest: no run with checkpoints under {root}/; "

@@ -87,10 +87,10 @@ def _pick_run_dir(mode: str, resume: Optional[str], output_root: str, run_name: 
     """A resume of a run directory (or of its newest checkpoint) continues in that directory, whatever its
     pointers say; naming an older checkpoint branches into a new directory; a new run without run_name gets a
     timestamped directory of its own (created here, exclusively)."""
-    from trainrun import checkpoint, rundir
+    from trainrun import checkpoint, rundir, storage
     from trainrun.resume import WEIGHTS_MODES
 
-    root = Path(output_root)
+    root = storage.local_root(output_root)  # a URL: its staging copy, uploaded at each checkpoint (trainrun.storage)
     if resume:
         try:
             ckpt = checkpoint.candidates(str(resume), root, run_name)[0]
@@ -194,6 +194,7 @@ def _task(cfg: DictConfig):
             rundir.accept_logs()  # a crash, not a refusal: its log belongs to the run
             raise
         rundir.accept_logs()  # the modes that end before the run's own accept (eval, lr_find, init_report)
+        _upload_run_files(run_dir)
         _stopped_by_signal(final, run_dir)
         return final.get(f"best {cfg.checkpoint.monitor}", final.get(cfg.checkpoint.monitor))
     result = _sweep_job(cfg, run_dir, overrides, run)
@@ -254,6 +255,15 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
               "re-run the same command to continue", file=sys.stderr, flush=True)
         sys.exit(code)
     return best if best is not None else metrics.get(monitor)
+
+
+def _upload_run_files(run_dir: Path) -> None:
+    """A run written to object storage: what it wrote after its last checkpoint (report, plots, logs)."""
+    from trainrun import storage
+    from trainrun.distributed import env_info
+
+    if env_info().is_main:
+        storage.sync_run(run_dir)
 
 
 def _stopped_by_signal(final, run_dir: Path) -> None:
@@ -359,12 +369,12 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
     if cfg.distillation.name in ("response", "feature"):
         from trainrun import checkpoint
 
-        checkpoint.candidates(cfg.distillation.teacher, Path(cfg.output_root), key="distillation.teacher")
-    target, what = Path(cfg.output_root), f"output_root={cfg.output_root}"
+        checkpoint.candidates(cfg.distillation.teacher, cfg.output_root, key="distillation.teacher")
+    target, what = _check_output_root(cfg, sweep=not check_dir), f"output_root={cfg.output_root}"
     if cfg.resume and cfg.mode in ("train", *WEIGHTS_MODES):
         from trainrun import checkpoint
 
-        ckpt = checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0]
+        ckpt = checkpoint.candidates(cfg.resume, cfg.output_root, cfg.run_name)[0]  # a URL: downloaded here
         target, what = checkpoint.run_dir_of(ckpt), f"resume={cfg.resume}"
     if cfg.resume and cfg.mode == "train":
         meta = resume_meta(cfg.resume, cfg)  # the newest checkpoint whose meta.json is sound, as a resume picks
@@ -374,6 +384,22 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
     if check_dir:
         _check_writable(target, what, "set output_root to a directory you can write" if not cfg.resume else
                         "copy the run to a writable disk and resume it there")
+
+
+def _check_output_root(cfg: DictConfig, sweep: bool) -> Path:
+    """The local directory new runs go under. For a URL (trainrun.storage): the backend, credentials and bucket
+    are checked (read-only), and a named new run must not exist in the store already."""
+    from trainrun import storage
+
+    if not storage.is_url(cfg.output_root):
+        return Path(cfg.output_root)
+    if sweep:
+        raise ConfigError(f"output_root={cfg.output_root}: a -m sweep writes its jobs under multirun/, not "
+                          "output_root; run the jobs one by one with output_root=<url>, or sweep locally")
+    storage.check_remote(cfg.output_root)
+    if cfg.run_name and not cfg.resume:
+        storage.check_new_run(f"{cfg.output_root.rstrip('/')}/{cfg.run_name}")
+    return storage.local_root(cfg.output_root)
 
 
 def _check_writable(target: Path, what: str, fix: str) -> None:

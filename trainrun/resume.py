@@ -180,7 +180,7 @@ def _check_meta(meta: Any, ckpt_dir: Path) -> None:
 def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
     """The newest loadable checkpoint the spec points to; falls back past corrupt ones with a warning."""
     errors = []
-    for cand in checkpoint.candidates(spec, Path(cfg.output_root), cfg.run_name):
+    for cand in checkpoint.candidates(spec, cfg.output_root, cfg.run_name):
         try:
             if (cand / checkpoint.SHARDS).is_dir():  # checkpoint.format=sharded: its own reader (a collective)
                 from trainrun.checkpoint_sharded import load_for_resume
@@ -203,7 +203,7 @@ def resume_meta(spec: str, cfg: DictConfig) -> Dict[str, Any]:
     """The meta.json of the checkpoint `load_resume` would most likely pick (verified against its digest, the state
     file is not read): for the checks before Hydra starts."""
     errors = []
-    for cand in checkpoint.candidates(spec, Path(cfg.output_root), cfg.run_name):
+    for cand in checkpoint.candidates(spec, cfg.output_root, cfg.run_name):
         try:
             meta = checkpoint.read_meta(cand)
             _check_meta(meta, cand)
