@@ -91,6 +91,13 @@ def _pick_run_dir(mode: str, resume: Optional[str], output_root: str, run_name: 
     from trainrun.resume import WEIGHTS_MODES
 
     root = storage.local_root(output_root)  # a URL: its staging copy, uploaded at each checkpoint (trainrun.storage)
+    if resume == "auto":  # the run if it has a checkpoint, else a fresh start (without run_name: refused already)
+        from trainrun.resume import resolve_auto
+
+        try:
+            resume = resolve_auto(resume, root, run_name, mode)
+        except TrainrunError:
+            resume = None
     if resume:
         try:
             ckpt = checkpoint.candidates(str(resume), root, run_name)[0]
@@ -213,6 +220,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
     if done and done.get("status") == "completed" and done.get("overrides") == overrides:
         print(f"trainrun: sweep job {run_dir.name} already completed; skipped", flush=True)
         return done.get("best", (done.get("metrics") or {}).get(cfg.checkpoint.monitor))
+    if cfg.resume == "auto":  # a job of a named sweep continues in its own folder (below), as without it
+        cfg.resume = None
     if not cfg.resume and checkpoint.list_checkpoints(run_dir):
         cfg.resume = str(run_dir)  # an interrupted job of this sweep continues from its latest checkpoint
     if cfg.logger.group is None:
@@ -253,6 +262,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, overrides, run):
     if code:  # SIGTERM/SIGUSR1/Ctrl-C: end the sweep, resumable
         print(f"trainrun: sweep stopped by {signal.Signals(code - 128).name} during job {run_dir.name} (exit {code}); "
               "re-run the same command to continue", file=sys.stderr, flush=True)
+        _hand_on_signal(final)
         sys.exit(code)
     return best if best is not None else metrics.get(monitor)
 
@@ -275,6 +285,15 @@ def _stopped_by_signal(final, run_dir: Path) -> None:
               f"checkpoint (exit {code}); resume={run_dir} continues", file=sys.stderr, flush=True)
     if code:
         _SIGNAL_EXIT[:] = [code]
+        _hand_on_signal(final)
+
+
+def _hand_on_signal(final) -> None:
+    """The checkpoint is complete: the handler the signal had before training took it over runs now. Under the
+    submitit launcher that is submitit's own (SIGUSR2: it requeues the job with the same command, and exits)."""
+    handler = final.get("handoff")
+    if handler is not None:
+        handler(final["signal"], None)
 
 
 def _one_line(e: BaseException) -> str:
@@ -362,6 +381,8 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
     raw = OmegaConf.to_container(cfg, resolve=False)  # names as typed: an interpolation is refused, not resolved
     rundir.check_name("run_name", raw.get("run_name"))
     rundir.check_name("sweep_name", raw.get("sweep_name"))
+    rundir.check_name("run_name", cfg.run_name)  # resolved (an ${oc.env:VAR} name)
+    rundir.check_name("sweep_name", cfg.sweep_name)
     validate(cfg)
     from trainrun.usercode import config_targets, import_targets
 
@@ -371,6 +392,8 @@ def _preflight_job(overrides, check_dir: bool, search=()) -> None:
 
         checkpoint.candidates(cfg.distillation.teacher, cfg.output_root, key="distillation.teacher")
     target, what = _check_output_root(cfg, sweep=not check_dir), f"output_root={cfg.output_root}"
+    if cfg.resume == "auto":
+        cfg.resume = _preflight_auto(cfg, target, sweep=not check_dir)
     if cfg.resume and cfg.mode in ("train", *WEIGHTS_MODES):
         from trainrun import checkpoint
 
@@ -400,6 +423,20 @@ def _check_output_root(cfg: DictConfig, sweep: bool) -> Path:
     if cfg.run_name and not cfg.resume:
         storage.check_new_run(f"{cfg.output_root.rstrip('/')}/{cfg.run_name}")
     return storage.local_root(cfg.output_root)
+
+
+def _preflight_auto(cfg: DictConfig, root: Path, sweep: bool) -> Optional[str]:
+    """resume=auto before Hydra starts: the run directory under `root` (where runs are written on this machine) to
+    check as a resume, or None (a fresh start). A sweep's jobs continue in their own folders of a named sweep, so
+    auto there needs sweep_name (an unnamed sweep gets a new timestamped folder at each launch)."""
+    from trainrun.resume import resolve_auto
+
+    if sweep and cfg.mode == "train":
+        if not cfg.sweep_name:
+            raise ConfigError("resume=auto in a sweep (-m, a launcher such as +cluster=slurm) continues each job in its "
+                              "folder of a named sweep: add sweep_name=NAME, the same at every launch")
+        return None
+    return resolve_auto(cfg.resume, root, cfg.run_name, cfg.mode)
 
 
 def _check_writable(target: Path, what: str, fix: str) -> None:

@@ -177,6 +177,27 @@ def _check_meta(meta: Any, ckpt_dir: Path) -> None:
         bad(f"holds data.fingerprint={fingerprint!r}")
 
 
+AUTO = "auto"
+
+
+def resolve_auto(resume: Optional[str], root: Path, run_name: Optional[str], mode: str = "train") -> Optional[str]:
+    """resume=auto: the run directory `root/run_name` (root: where runs are written on this machine) when it holds
+    a checkpoint (the resume then picks its newest valid one, as for any run directory), else None: the command
+    starts the run. Any other value is returned as it is. A relaunched job (a SLURM requeue) runs the same
+    command, so the name must be stable."""
+    if resume != AUTO:
+        return resume
+    if mode != "train":
+        raise ConfigError(f"resume=auto continues a training run (mode=train), not mode={mode}: name the run or "
+                          "checkpoint to use, resume=RUN_DIR")
+    if not run_name:
+        raise ConfigError("resume=auto needs run_name: it continues the run of that name if it has a checkpoint and "
+                          "starts it otherwise; add run_name=NAME (under SLURM a name that survives a requeue, e.g. "
+                          "'run_name=${oc.env:SLURM_JOB_ID}')")
+    run = Path(root) / str(run_name)
+    return str(run) if checkpoint.list_checkpoints(run) else None
+
+
 def load_resume(spec: str, cfg: DictConfig) -> Tuple[Path, Dict, Dict]:
     """The newest loadable checkpoint the spec points to; falls back past corrupt ones with a warning."""
     errors = []

@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import weakref
@@ -34,14 +35,19 @@ STALE_FILES = ("config.yaml", "metrics.jsonl", "metrics.discarded.jsonl", "stats
 STALE_DIRS = ("plots",)
 
 
+# A name may read an environment variable (run_name=${oc.env:SLURM_JOB_ID}: stable across a SLURM requeue); the
+# resolved name is checked again (cli._pick_run_dir, cli._preflight_job).
+_ENV_ONLY = re.compile(r"(?:\$\{oc\.env:[A-Za-z_][A-Za-z0-9_]*\}|[^$])+")
+
+
 def check_name(key: str, value) -> None:
     """Refuse a run/sweep name that is not one plain folder name (it would leave its root or be resolved)."""
     if value is None:
         return
     text = str(value)
     why = None
-    if "${" in text:
-        why = "it is an interpolation"
+    if "${" in text and not _ENV_ONLY.fullmatch(text):
+        why = "it is an interpolation other than ${oc.env:VAR}"
     elif not text.strip():
         why = "it is empty"
     elif any(sep in text for sep in ("/", "\\", os.sep, os.altsep or "/", "\0")):

@@ -20,8 +20,8 @@ from trainrun.config import validate
 from trainrun.doctor import overfit_settings
 from trainrun.errors import ConfigError
 from trainrun.modes import CHECKPOINT_ONLY, MODES, RESTORES
-from trainrun.resume import (WEIGHTS_MODES, adopt_checkpoint_config, adopt_trained_sections, check_resume_compatible,
-                             load_resume)
+from trainrun.resume import (AUTO, WEIGHTS_MODES, adopt_checkpoint_config, adopt_trained_sections,
+                             check_resume_compatible, load_resume, resolve_auto)
 from trainrun.seed import set_determinism
 
 log = logging.getLogger("trainrun")
@@ -54,6 +54,8 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: Optional[List[str]],
     (this command's overrides win; a change that would make the checkpoint unusable is refused), an eval evaluates
     the checkpoint as it was trained, and a stored config never makes trainrun import code this command does not
     name."""
+    if cfg.resume == AUTO:  # mode=train only: run_dir is root/run_name; a checkpoint there is continued
+        cfg.resume = resolve_auto(cfg.resume, run_dir.parent, cfg.run_name, cfg.mode)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if not cfg.resume:
         if cfg.mode in WEIGHTS_MODES:

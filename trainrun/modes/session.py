@@ -5,11 +5,12 @@ Only here is the run directory touched: every check has passed by the time `open
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 import string
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -56,6 +57,7 @@ def _print_header(run: Run, logger: RunLogger, cleared) -> None:
         logger.print(config_tree(cfg, OmegaConf.structured(TrainrunConfig)))
     logger.print(f"data: {run.split.description}")
     logger.print(_memory_line(run))
+    logger.print(_space_line(run))
     for line in _finetune_lines(run):
         logger.print(line)
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -87,6 +89,27 @@ def _memory_line(run: Run) -> str:
             f"{plan['total'] / mb:.2f} MiB (weights {plan['weights'] / mb:.2f}, grads {plan['grads'] / mb:.2f}, "
             f"optimizer state {plan['optimizer_state'] / mb:.2f}; master copy: {plan['master_copy']}) "
             "+ activations; measured peak logged as peak_mem_mb")
+
+
+def _space_line(run: Run) -> str:
+    """What the run's checkpoints will take on disk (checkpoint.space_plan) from the state's measured byte size:
+    the resumed checkpoint's, else the state now, plus the optimizer moments that its first step creates."""
+    cfg, ck = run.cfg, run.cfg.checkpoint
+    stored = run.resumed.meta.get("state_bytes") if run.resumed else None
+    if isinstance(stored, int) and not isinstance(stored, bool) and stored > 0:
+        nbytes = stored
+    else:
+        nbytes = checkpoint._state_nbytes(state_dict(run))
+        if not any(run.optimizer.state.values()):
+            nbytes += memory_plan(run.model, cfg.optimizer.name, cfg.optimizer.momentum, cfg.precision.name,
+                                  shards=1)["optimizer_state"]
+    steps = checkpoint.save_steps(run.total, cfg.trainer.ckpt_every or run.steps_per_epoch, start=run.state.step)
+    line, too_big = checkpoint.space_plan(run.dir, nbytes, steps, keep_last=ck.keep_last, keep_best=ck.keep_best,
+                                          keep_every_n_steps=ck.keep_every_n_steps)
+    if too_big:
+        line += ("; [yellow]warning:[/] more than the free space: lower checkpoint.keep_last or "
+                 "checkpoint.keep_every_n_steps, or set output_root to a larger disk")
+    return line
 
 
 def _finetune_lines(run: Run):
@@ -122,6 +145,8 @@ class Checkpointer:
         self.started = time.perf_counter()
         self.env = provenance.environment()
         self.user_code = _user_code_provenance(run.resolved)
+        self.writer = checkpoint.AsyncWriter() if run.cfg.checkpoint.async_save else None
+        self.stall_s: List[float] = []  # seconds each save kept training waiting (scripts/bench_checkpoint.py)
 
     def meta(self) -> Dict[str, Any]:
         run = self.run
@@ -158,36 +183,58 @@ class Checkpointer:
         s, ck = run.state, run.cfg.checkpoint
         if self.last_step == s.step:
             return
-        if ck.format == "sharded":  # every rank writes its own shard (trainrun.checkpoint_sharded): no full gather
-            self._save_sharded()
-            return
+        self._finish_write()  # at most one write in flight; parent_sha256 below names a complete checkpoint
+        t0 = time.perf_counter()
         state, meta = state_dict(run), self.meta()
         metric = s.last_eval.get(ck.monitor) if s.last_eval_step == s.step else None
         sha, path = None, None
-        if run.info.is_main:  # one writer; every rank took part in gathering the state above
-            path, sha = checkpoint.save(run.dir, s.step, state, meta, keep_last=ck.keep_last, metric=metric,
-                                        mode=ck.monitor_mode, keep_best=ck.keep_best)
+        keep = dict(keep_last=ck.keep_last, mode=ck.monitor_mode, keep_best=ck.keep_best,
+                    keep_every_n_steps=ck.keep_every_n_steps)
+        if run.info.is_main and self.writer is not None:  # a host copy now; written while training goes on
+            state, step = checkpoint.snapshot(state), s.step
+
+            def write():
+                try:
+                    path, sha = checkpoint.write(run.dir, step, state, meta, metric)
+                    checkpoint.publish(run.dir, path, metric, **keep)  # latest moves once the folder is complete
+                    return step, path, sha
+                finally:
+                    checkpoint.release_snapshot(state)
+
+            self.writer.submit(write)
+            self.last_step = s.step
+        elif run.info.is_main:  # one writer; every rank took part in gathering the state above
+            path, sha = checkpoint.save(run.dir, s.step, state, meta, metric=metric, **keep)
+        self.stall_s.append(time.perf_counter() - t0)
         distributed.barrier()
-        self.last_sha, self.last_step = sha, s.step
-        if path is not None and self.on_saved is not None:
-            self.on_saved(s.step, sha)
-        if path is not None:
-            run.callbacks.call("on_checkpoint", run, s.step, path)
+        if self.writer is None or not run.info.is_main:
+            self._saved(s.step, path, sha)
 
-    def _save_sharded(self) -> None:
-        from trainrun import checkpoint_sharded
-
-        run = self.run
-        s, ck = run.state, run.cfg.checkpoint
-        metric = s.last_eval.get(ck.monitor) if s.last_eval_step == s.step else None
-        path, sha = checkpoint_sharded.save(run, s.step, self.meta(), metric=metric, keep_last=ck.keep_last,
-                                            mode=ck.monitor_mode, keep_best=ck.keep_best,
-                                            keep_every_n_steps=ck.keep_every_n_steps)
-        self.last_sha, self.last_step = sha, s.step
+    def _saved(self, step: int, path: Optional[Path], sha: Optional[str]) -> None:
+        """A checkpoint is complete (or, on a rank that does not write, its save is over)."""
+        self.last_sha, self.last_step = sha, step
         if path is not None and self.on_saved is not None:
-            self.on_saved(s.step, sha)
+            self.on_saved(step, sha)
         if path is not None:
-            run.callbacks.call("on_checkpoint", run, s.step, path)
+            self.run.callbacks.call("on_checkpoint", self.run, step, path)
+
+    def _finish_write(self) -> None:
+        """Wait for the asynchronous write in flight, if any; its trackers and callbacks run here, on the training
+        thread. A failed write raises its error (one line, like a synchronous save's)."""
+        if self.writer is not None and self.writer.in_flight:
+            self._saved(*self.writer.wait())
+
+    def close(self, quiet: bool = False) -> None:
+        """The end of training (finished, a signal, an error): the write in flight completes before the process
+        exits, so the final checkpoint is the `latest` one. `quiet` (another error is on its way out): a failed
+        write is a warning, not a second error."""
+        try:
+            self._finish_write()
+        except Exception as e:  # noqa: BLE001
+            if not quiet:
+                raise
+            logging.getLogger("trainrun").warning("the checkpoint being written when the run failed was not "
+                                                  "completed (%s); latest names the previous one", e)
 
     def save_badstep(self, report: Dict[str, Any]) -> Optional[Path]:
         """The state before the bad update (step = the bad step), with the report and the batch's sample indices."""

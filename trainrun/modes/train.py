@@ -13,14 +13,20 @@ from trainrun.modes.session import open_session
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) / first Ctrl-C ask the loop to checkpoint at the next
-    step boundary and exit."""
+    """SIGTERM / SIGUSR1 (SLURM's pre-timeout signal) / SIGUSR2 (submitit's preemption and timeout signal) / first
+    Ctrl-C ask the loop to checkpoint at the next step boundary and exit. `handoff`: the Python handler the signal
+    had before (submitit's checkpoint-and-requeue), for the caller to run once the checkpoint is complete."""
 
     def __init__(self):
         self.requested, self.signum, self._old = False, None, {}
 
+    @property
+    def handoff(self):
+        old = self._old.get(self.signum)
+        return old if callable(old) and old is not signal.default_int_handler else None
+
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. tests): no handlers
@@ -103,6 +109,7 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
                                 on_step=profiler.wrap(_on_step(run)) if profiler else _on_step(run),
                                 should_stop=lambda: distributed.any_rank(
                                     stop.requested or trainer.state.stopped_early, run.device))
+        saver.close()  # an asynchronous write in flight completes before the run reports its end
         if profiler is not None and profiler.written:
             logger.print("profile: " + ", ".join(f"{k} {v}" for k, v in profiler.written.items())
                          + " (open the trace in TensorBoard's profiler or ui.perfetto.dev)")
@@ -121,9 +128,13 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
                 plot_evaluation(run.dir, trainer.task.last_evaluation, title=run.dir.name)
             _write_report(run, logger)
         exit_code = 0
-        return {**final, "finished": done, "signal": None if done else stop.signum}
+        return {**final, "finished": done, "signal": None if done else stop.signum,
+                "handoff": None if done else stop.handoff}
     finally:
-        logger.close(exit_code)
+        try:
+            saver.close(quiet=exit_code != 0)  # an error or a second Ctrl-C: the write in flight still completes
+        finally:
+            logger.close(exit_code)
 
 
 def export_merged(run: Run):
