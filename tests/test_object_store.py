@@ -137,6 +137,21 @@ def test_corrupted_upload_is_refused_and_latest_stays(memory_run, monkeypatch):
     assert not fs.exists(f"{run_path}/checkpoints/step_000000004/{storage.RECORD}")
 
 
+def test_the_next_process_uploads_a_checkpoint_the_store_missed(memory_run):
+    """Killed during the upload of step 4, continued from the staging copy (which holds step 4 whole): the next
+    process's first upload brings step 4 to the store too, before it moves the pointer."""
+    url, run_dir, fs, run_path = memory_run
+    _save(run_dir, 2, keep_last=3)
+    _save(run_dir, 4, keep_last=3)
+    fs.rm_file(f"{run_path}/checkpoints/step_000000004/{storage.RECORD}")
+    fs.rm_file(f"{run_path}/checkpoints/step_000000004/state.pt")
+    fs.pipe_file(f"{run_path}/checkpoints/latest", b"step_000000002\n")
+    storage._MIRRORS.clear()  # a new process
+    _save(run_dir, 6, keep_last=3)
+    assert all(_complete(fs, run_path, f"step_00000000{step}") for step in (2, 4, 6))
+    assert fs.cat_file(f"{run_path}/checkpoints/latest") == b"step_000000006\n"
+
+
 def test_fetch_takes_the_newest_verified_checkpoint(memory_run, tmp_path, monkeypatch, caplog):
     """A folder without its record (an upload killed half-way) and one whose file does not match its record are
     skipped; the newest whole one is downloaded, with best and the run's files, into a clean working directory."""

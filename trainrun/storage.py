@@ -265,6 +265,7 @@ class Mirror:
         self.verified: set = set()  # checkpoints whose store copy this process checked against the local folder
         self.pointers: Dict[str, str] = {}
         self.sent: Dict[str, Tuple[int, int]] = {}  # run file -> (size, mtime_ns) at its last upload
+        self.caught_up = False
 
     def _key(self, *parts: str) -> str:
         return "/".join((self.path, *parts))
@@ -315,6 +316,18 @@ class Mirror:
         self.recorded[name] = digests
         self.verified.add(name)
         _kill_point(f"{name}/{RECORD}")
+
+    def catch_up(self, current: Path) -> None:
+        """Once per process, before its first upload: the local checkpoints the store lacks (a run killed during
+        an upload and continued from the staging copy resumed from a checkpoint the store never got)."""
+        from trainrun import checkpoint
+
+        if self.caught_up:
+            return
+        for ckpt in checkpoint.list_checkpoints(self.run_dir):
+            if ckpt.name != Path(current).name:
+                self.upload_checkpoint(ckpt)
+        self.caught_up = True
 
     def move_pointers(self) -> None:
         """The store's latest/best name what the local ones name, once that checkpoint is recorded in the store."""
@@ -375,6 +388,7 @@ def upload(run_dir: Path, ckpt_dir: Path) -> None:
     if m is None:
         return
     try:
+        m.catch_up(Path(ckpt_dir))
         m.upload_checkpoint(Path(ckpt_dir))
         m.move_pointers()
         m.delete_removed()
@@ -488,7 +502,7 @@ def _fetch_checkpoint(fs, run_path: str, local_run: Path, name: str) -> None:
         raise _Unusable(f"its {RECORD} is malformed")
     root = local_run / "checkpoints"
     final = root / name
-    if final.is_dir() and all((final / rel).is_file() and sha256_file(final / rel) == sha for rel, sha in record.items()):
+    if _holds(final, record):
         return
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
@@ -502,6 +516,8 @@ def _fetch_checkpoint(fs, run_path: str, local_run: Path, name: str) -> None:
                 raise _Unusable(f"{rel}, listed in its upload record, is missing") from None
             if sha256_file(tmp / rel) != sha:
                 raise _Unusable(f"{rel} does not match the SHA256 its upload record lists")
+        if _holds(final, record):  # another process (a torchrun rank) downloaded it meanwhile
+            return
         old = root / f".old-{name}-{os.getpid()}"
         if final.exists():  # a staging copy with other files: the store's verified copy replaces it
             os.rename(final, old)
@@ -509,6 +525,11 @@ def _fetch_checkpoint(fs, run_path: str, local_run: Path, name: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _holds(folder: Path, record: Dict[str, str]) -> bool:
+    return folder.is_dir() and all((folder / rel).is_file() and sha256_file(folder / rel) == sha
+                                   for rel, sha in record.items())
 
 
 def _fetch_files(fs, run_path: str, local_run: Path) -> None:
