@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from trainrun.checks import SectionChecks
 from trainrun.errors import DataError
@@ -33,17 +34,20 @@ class TensorSet:
     y: torch.Tensor  # int64 [N]
     difficulty: Optional[torch.Tensor] = None  # per-sample difficulty provided by the data (curriculum=key)
     augment: Optional[Callable] = None  # augment(x batch, per-sample seeds) -> x batch (training split only)
+    ra_reps: int = 1  # data.ra_reps of the training split: the loader repeats each sample this often per epoch
 
     def __len__(self) -> int:
         return len(self.y)
 
 
 class FileSet:
-    """Image files read on demand; `transform(img, generator)` draws its randomness from `generator`."""
+    """Image files read on demand; `transform(img, sample_seed)` draws its randomness from the sample's seed only
+    (trainrun/data/transforms.py). `ra_reps`: as TensorSet's."""
 
-    def __init__(self, base, indices: Sequence[int], transform: Callable, targets: Sequence[int]):
+    def __init__(self, base, indices: Sequence[int], transform: Callable, targets: Sequence[int], ra_reps: int = 1):
         self.base, self.indices, self.transform = base, list(indices), transform
         self.y = torch.as_tensor([targets[i] for i in self.indices], dtype=torch.int64)
+        self.ra_reps = ra_reps
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -56,8 +60,7 @@ class FileSet:
             what = samples[self.indices[i]][0] if samples else f"sample {self.indices[i]}"
             raise DataError(f"cannot decode image {what} ({_first_line(e)}); remove or replace the file "
                             "(checkpoints written so far are intact: resume= continues once it is fixed)") from e
-        g = torch.Generator().manual_seed(sample_seed)
-        return self.transform(img, g), int(self.y[i])
+        return self.transform(img, sample_seed), int(self.y[i])
 
 
 @dataclass
@@ -134,14 +137,19 @@ def _train_statistics(train_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     return train_x.mean(), train_x.std().clamp_min(1e-8)
 
 
-def _tensor_augment(shape: Tuple[int, int, int], flip: bool) -> Callable:
+def _tensor_augment(shape: Tuple[int, int, int], flip: bool, cfg, mean: float, std: float) -> Callable:
     """data.augment on in-memory images: a random crop of the image padded by size // 8 (at least 1) with its edge
-    pixels and, where `flip`, a horizontal flip with probability 1/2 (torchvision.transforms.v2). Sample k draws only
-    from a generator seeded with seeds[k], as image files do, so batches are a pure function of (seed, epoch, index)."""
+    pixels and, where `flip`, a horizontal flip with probability 1/2 (torchvision.transforms.v2); then data.policy and
+    data.color_jitter (transforms.policy_chain) on the image at its loaded scale in [0, 1] (x * std + mean; the v2
+    policies take float images in [0, 1]), standardised again after. Sample k draws only from randomness seeded with
+    seeds[k], as image files do, so batches are a pure function of (seed, epoch, index)."""
     import torchvision.transforms.v2.functional as F
+
+    from trainrun.data.transforms import chain_seed, describe_policy, policy_chain
 
     _, h, w = shape
     pad = max(1, min(h, w) // 8)
+    chain = policy_chain(cfg)
 
     def augment(x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         padded = F.pad(x, [pad, pad, pad, pad], padding_mode="edge")
@@ -151,10 +159,24 @@ def _tensor_augment(shape: Tuple[int, int, int], flip: bool) -> Callable:
             i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
             crop = padded[k, :, i:i + h, j:j + w]
             out[k] = F.horizontal_flip(crop) if flip and bool(torch.rand(1, generator=g) < 0.5) else crop
-        return out
+        return out if chain is None else _apply_chain(chain, out, seeds, mean, std, chain_seed)
 
-    augment.description = f"augment: random crop (edge pad {pad})" + (" + horizontal flip" if flip else "")
+    policy = describe_policy(cfg)
+    augment.description = (f"augment: random crop (edge pad {pad})" + (" + horizontal flip" if flip else "")
+                           + (f" + {policy}" if policy else ""))
     return augment
+
+
+def _apply_chain(chain: Callable, x: torch.Tensor, seeds: Sequence[int], mean: float, std: float,
+                 chain_seed: Callable[[int], int]) -> torch.Tensor:
+    """`chain` on each sample of the standardised batch x, at the [0, 1] scale, under its own seed. On the CPU:
+    AugMix draws its Dirichlet weights on the image's device, from a CUDA generator no seed here reaches."""
+    xc = x.cpu() * std + mean
+    with torch.random.fork_rng(devices=[]):
+        for k, s in enumerate(seeds):
+            torch.default_generator.manual_seed(chain_seed(s))
+            xc[k] = chain(xc[k])
+    return ((xc - mean) / std).to(x.device)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -185,8 +207,12 @@ def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize:
     if standardize:
         xtr, xva = (xtr - mean) / std, (xva - mean) / std
         xte = (xte - mean) / std if xte is not None else None
-    augment = _tensor_augment(tuple(x.shape[1:]), flip) if cfg.augment else None
-    train = TensorSet(xtr.contiguous(), y[tr], None if difficulty is None else difficulty[tr].float(), augment)
+    augment = None
+    if cfg.augment:
+        _check_policy_input(name, cfg, x)
+        augment = _tensor_augment(tuple(x.shape[1:]), flip, cfg, float(mean), float(std))
+    train = TensorSet(xtr.contiguous(), y[tr], None if difficulty is None else difficulty[tr].float(), augment,
+                      int(cfg.get("ra_reps") or 1))
     val = TensorSet(xva.contiguous(), y[va])
     test = TensorSet(xte.contiguous(), y[te]) if te is not None else None
     num_classes = int(y.max()) + 1
@@ -198,6 +224,21 @@ def _tensor_split(name: str, x: torch.Tensor, y: torch.Tensor, cfg, standardize:
     split.preprocess = {"scale": scale, "resize": int(cfg.resize) if cfg.get("resize") else None,
                         "mean": float(mean), "std": float(std)}
     return split
+
+
+def _check_policy_input(name: str, cfg, x: torch.Tensor) -> None:
+    """The v2 policies read float images as values in [0, 1] with 1 or 3 channels (saturation and hue mix RGB)."""
+    if cfg.get("policy", "none") == "none" and not cfg.get("color_jitter"):
+        return
+    what = f"data.policy={cfg.policy}" if cfg.policy != "none" else f"data.color_jitter={cfg.color_jitter}"
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"{what}: {name} has {x.shape[1]} channels; the augmentation policies work on grey (1) or "
+                        "RGB (3) images: drop the policy or store such images")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        raise DataError(f"{what}: {name} holds values in [{lo:.4g}, {hi:.4g}]; the augmentation policies read "
+                        "images as values in [0, 1]: scale the tensors (e.g. divide uint8 pixels by 255) when "
+                        "saving them, or drop the policy")
 
 
 def check_class_names(name: str, names: Any, num_classes: int) -> Optional[List[str]]:
@@ -309,35 +350,40 @@ def load_tensor_file_set(cfg) -> Split:
 
 # --- image files (torchvision) -------------------------------------------------------------
 
+@dataclass
+class _ImageTransforms:
+    train: Callable  # transform(img, sample_seed) of the training split
+    eval: Callable  # of val and test (and of train without data.augment)
+    train_size: int  # the training crop: the model's input shape
+    eval_size: int
+    short_side: Optional[int]  # eval: the short side before the centre crop (None: the image as is)
+    mean: List[float]
+    std: List[float]
+
+
+def _image_transforms(cfg, mean: Sequence[float], std: Sequence[float], cifar: bool) -> _ImageTransforms:
+    """The transforms of an image-file set from the data section (trainrun/data/transforms.py); `mean`/`std`: the
+    dataset's normalisation constants, replaced by data.mean / data.std where set."""
+    from trainrun.data.transforms import eval_short_side, image_eval_transform, image_train_transform
+
+    mean, std = list(cfg.get("mean") or mean), list(cfg.get("std") or std)
+    size = 32 if cifar else int(cfg.image_size)
+    train_size = size if cifar else int(cfg.get("train_crop_size") or size)
+    eval_size = size if cifar else int(cfg.get("val_crop_size") or size)
+    short = None if cifar else eval_short_side(cfg, eval_size)
+    plain = image_eval_transform(eval_size, short, mean, std, cfg.get("interpolation", "bilinear"))
+    train = image_train_transform(cfg, train_size, mean, std, pad_crop=cifar) if cfg.augment else plain
+    return _ImageTransforms(train, plain, train_size if cfg.augment else eval_size, eval_size, short, mean, std)
+
+
 def _image_transform(size: int, augment: bool, mean, std, crop_pad: bool) -> Callable:
-    """A transform whose randomness comes only from the generator handed in (seeded per sample)."""
-    import torchvision.transforms.v2.functional as F
+    """The training transform of an image-file set of `size` with every augmentation key at its default (data.augment
+    alone); `crop_pad`: cifar10's. Its eval transform is this with augment=False."""
+    from trainrun.config import DataConfig
 
-    def tf(img, g: torch.Generator) -> torch.Tensor:
-        t = F.to_dtype(F.to_image(img), torch.float32, scale=True)
-        if crop_pad:  # CIFAR-style: pad 4, random 32x32 crop
-            t = F.resize(t, [size, size], antialias=True) if t.shape[-1] != size else t
-            if augment:
-                t = F.pad(t, [4, 4, 4, 4], padding_mode="reflect")
-                i, j = (int(v) for v in torch.randint(0, 9, (2,), generator=g))
-                t = t[..., i:i + size, j:j + size]
-        elif augment:  # ImageNet-style random resized crop
-            h, w = t.shape[-2:]
-            area = h * w * float(torch.empty(1).uniform_(0.25, 1.0, generator=g))
-            ratio = float(torch.empty(1).uniform_(3 / 4, 4 / 3, generator=g))
-            ch = max(1, min(h, int(round((area / ratio) ** 0.5))))
-            cw = max(1, min(w, int(round((area * ratio) ** 0.5))))
-            i = int(torch.randint(0, h - ch + 1, (1,), generator=g))
-            j = int(torch.randint(0, w - cw + 1, (1,), generator=g))
-            t = F.resized_crop(t, i, j, ch, cw, [size, size], antialias=True)
-        else:
-            short = int(round(size * 1.14))
-            t = F.center_crop(F.resize(t, short, antialias=True), [size, size])
-        if augment and bool(torch.rand(1, generator=g) < 0.5):
-            t = t.flip(-1)
-        return F.normalize(t, mean, std)
-
-    return tf
+    cfg = OmegaConf.structured(DataConfig(name="cifar10" if crop_pad else "imagefolder", image_size=size,
+                                          augment=augment))
+    return _image_transforms(cfg, mean, std, cifar=crop_pad).train
 
 
 def load_cifar10_set(cfg) -> Split:
@@ -353,17 +399,16 @@ def load_cifar10_set(cfg) -> Split:
         te = torchvision.datasets.CIFAR10(str(root), train=False, download=cfg.download)
     except RuntimeError as e:
         raise DataError(f"data=cifar10: dataset not found under {root} ({e}); set data.root or data.download=true") from e
-    mean, std = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+    tf = _image_transforms(cfg, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], cifar=True)
     tr_idx, va_idx = (t.tolist() for t in _random_split(len(tr), cfg.val_fraction, cfg.split_seed))
-    plain = _image_transform(32, False, mean, std, True)
-    train = FileSet(tr, tr_idx, _image_transform(32, cfg.augment, mean, std, True), tr.targets)
-    val, test = FileSet(tr, va_idx, plain, tr.targets), FileSet(te, range(len(te)), plain, te.targets)
+    train = FileSet(tr, tr_idx, tf.train, tr.targets, int(cfg.get("ra_reps") or 1))
+    val, test = FileSet(tr, va_idx, tf.eval, tr.targets), FileSet(te, range(len(te)), tf.eval, te.targets)
     fp = hashlib.sha256(f"cifar10:{len(tr)}:{len(te)}:{sum(tr.targets)}:{sum(te.targets)}:val={va_idx}".encode())
     names = list(getattr(tr, "classes", None) or [str(k) for k in range(10)])
     return Split(train, val, 10, (3, 32, 32), fp.hexdigest(),
-                 f"cifar10: {len(train)} train / {len(val)} val (from the training images) / {len(test)} test",
-                 test=test, class_names=names,
-                 preprocess={"image_size": 32, "short_side": None, "mean": mean, "std": std})
+                 f"cifar10: {len(train)} train / {len(val)} val (from the training images) / {len(test)} test"
+                 + _augment_note(cfg), test=test, class_names=names,
+                 preprocess={"image_size": 32, "short_side": None, "mean": tf.mean, "std": tf.std})
 
 
 def _folder_fingerprint(root: Path) -> str:
@@ -423,8 +468,7 @@ def load_imagefolder_set(cfg) -> Split:
     root = Path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data=imagefolder: directory {root} not found; set data.root to a folder of class sub-folders")
-    size = cfg.image_size
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    tf = _image_transforms(cfg, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], cifar=False)
     loader = load_rgb  # RGB uint8 [3, H, W]; JPEGs by decode_jpeg, the same pixels as PIL (trainrun/data/decode.py)
     try:
         parts = _image_folder_parts(root, cfg, loader)
@@ -432,15 +476,31 @@ def load_imagefolder_set(cfg) -> Split:
         raise DataError(f"data=imagefolder: {e}") from e
     for base in {id(base): base for base, _ in parts.values()}.values():
         _verify_images(base.samples)
-    plain = _image_transform(size, False, mean, std, False)
-    sets = {name: FileSet(base, idx, _image_transform(size, cfg.augment, mean, std, False) if name == "train"
-                          else plain, base.targets) for name, (base, idx) in parts.items()}
+    ra_reps = int(cfg.get("ra_reps") or 1)
+    sets = {name: FileSet(base, idx, tf.train, base.targets, ra_reps) if name == "train"
+            else FileSet(base, idx, tf.eval, base.targets) for name, (base, idx) in parts.items()}
     classes = parts["train"][0].classes
     sizes = " / ".join(f"{len(ds)} {name}" for name, ds in sets.items())
-    return Split(sets["train"], sets["val"], len(classes), (3, size, size), _folder_fingerprint(root),
-                 f"imagefolder({root}): {sizes}, {len(classes)} classes", test=sets.get("test"),
-                 class_names=list(classes), preprocess={"image_size": size, "short_side": int(round(size * 1.14)),
-                                                        "mean": mean, "std": std})
+    return Split(sets["train"], sets["val"], len(classes), (3, tf.train_size, tf.train_size),
+                 _folder_fingerprint(root), f"imagefolder({root}): {sizes}, {len(classes)} classes"
+                 + _augment_note(cfg), test=sets.get("test"), class_names=list(classes),
+                 preprocess={"image_size": tf.eval_size, "short_side": tf.short_side, "mean": tf.mean, "std": tf.std})
+
+
+def _augment_note(cfg) -> str:
+    """The image-file training augmentation, for the run's data line."""
+    from trainrun.data.transforms import describe_policy
+
+    if not cfg.augment:
+        return ""
+    if cfg.name == "cifar10":
+        crop = "random crop (reflect pad 4)"
+    else:
+        size = cfg.get("train_crop_size") or cfg.image_size
+        crop = (f"RandomResizedCrop({size}, scale={list(cfg.crop_scale)}, ratio={[round(r, 4) for r in cfg.crop_ratio]}"
+                f", {cfg.interpolation})")
+    policy = describe_policy(cfg)
+    return f", augment: {crop} + horizontal flip" + (f" + {policy}" if policy else "")
 
 
 DATASETS = Registry("data.name")  # name -> loader(data_cfg) -> Split
@@ -481,6 +541,82 @@ def check(cfg) -> None:
     if cfg.augment and cfg.name == "synthetic":
         checks.fail("augment", "data=synthetic is Gaussian class clusters with no image structure to crop or flip; "
                                "drop data.augment=true")
+    if "policy" in cfg:
+        _check_augmentation(cfg, checks)
+
+
+IMAGE_FILE_SETS = ("cifar10", "imagefolder")
+IMAGEFOLDER_ONLY = ("train_crop_size", "val_resize_size", "val_crop_size", "crop_scale", "crop_ratio")
+
+
+def _check_augmentation(cfg, checks: SectionChecks) -> None:
+    """The augmentation keys (trainrun/data/transforms.py): ranges, then the keys that would do nothing here."""
+    from trainrun.data.transforms import (AUGMIX_MAX_SEVERITY, AUTOAUGMENT_POLICIES, INTERPOLATIONS, POLICIES,
+                                          RANDAUGMENT_MAX_MAGNITUDE)
+
+    checks.one_of("policy", POLICIES)
+    checks.one_of("autoaugment_policy", AUTOAUGMENT_POLICIES)
+    checks.one_of("interpolation", INTERPOLATIONS)
+    checks.positive("randaugment_num_ops", "augmix_severity", "train_crop_size", "val_resize_size", "val_crop_size",
+                    "ra_reps")
+    checks.positive("randaugment_magnitude", "color_jitter", allow_zero=True)
+    if cfg.randaugment_magnitude > RANDAUGMENT_MAX_MAGNITUDE:
+        checks.fail("randaugment_magnitude", f"RandAugment's magnitude runs from 0 to {RANDAUGMENT_MAX_MAGNITUDE}")
+    if cfg.augmix_severity > AUGMIX_MAX_SEVERITY:
+        checks.fail("augmix_severity", f"AugMix's severity runs from 1 to {AUGMIX_MAX_SEVERITY}")
+    _check_range_pair(checks, "crop_scale", list(cfg.crop_scale), upper=1.0)
+    _check_range_pair(checks, "crop_ratio", list(cfg.crop_ratio), upper=None)
+    for key in ("mean", "std"):
+        values = cfg.get(key)
+        if values is not None and (len(values) != 3 or (key == "std" and min(values) <= 0)):
+            checks.fail(key, "give 3 values, one per RGB channel" + (", each > 0" if key == "std" else ""))
+    crop = cfg.get("val_crop_size") or cfg.image_size
+    if cfg.get("val_resize_size") and crop > cfg.val_resize_size:
+        checks.fail("val_resize_size", f"the eval centre crop ({crop}) is larger than the resized image; set "
+                                       f"data.val_resize_size >= {crop} or a smaller data.val_crop_size")
+    _check_augmentation_applies(cfg, checks)
+
+
+def _check_range_pair(checks: SectionChecks, key: str, pair: List[float], upper: Optional[float]) -> None:
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1] or (upper is not None and pair[1] > upper):
+        bound = f" <= {upper}" if upper is not None else ""
+        checks.fail(key, f"give [low, high] with 0 < low <= high{bound}")
+
+
+def _check_augmentation_applies(cfg, checks: SectionChecks) -> None:
+    """Refuse a key that would silently do nothing for this data or without data.augment."""
+    from trainrun.config import DataConfig
+
+    default = DataConfig()
+    changed = [k for k in ("policy", "color_jitter", "train_crop_size", "crop_scale", "crop_ratio", "ra_reps")
+               if _differs(cfg.get(k), getattr(default, k))]
+    if changed and not cfg.augment:
+        key = changed[0]
+        why = ("each of the k copies would be the same image (a k-fold weight, not a new view)" if key == "ra_reps"
+               else "it belongs to the training augmentation")
+        checks.fail(key, f"{why}; set data.augment=true, or drop data.{key}")
+    user = cfg.get("_target_") is not None
+    if not user and cfg.name in IMAGE_FILE_SETS:
+        others = [k for k in IMAGEFOLDER_ONLY if _differs(cfg.get(k), getattr(default, k))]
+        if cfg.name == "cifar10" and others:
+            checks.fail(others[0], "data=cifar10 trains and evaluates on its 32x32 images (training crop: a reflect-"
+                                   "padded random crop, pad 4); sizes and RandomResizedCrop settings apply to "
+                                   "data=imagefolder")
+        return
+    for key in (*IMAGEFOLDER_ONLY, "mean", "std"):
+        if _differs(cfg.get(key), getattr(default, key)):
+            checks.fail(key, "applies to image files (data=imagefolder, cifar10); " + (
+                "with data._target_ the dataset prepares its own samples" if user else
+                f"data={cfg.name} keeps its image size (data.resize) and is standardised with its training split's "
+                "mean and std"))
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, list) and isinstance(default, list):
+        return len(value) != len(default) or any(abs(a - b) > 1e-9 for a, b in zip(value, default))
+    return value != default
 
 
 def _check_test_fraction(cfg, checks: SectionChecks) -> None:
@@ -500,10 +636,11 @@ def limit(ds, n: Optional[int]):
     if n is None or n >= len(ds):
         return ds
     if isinstance(ds, TensorSet):
-        return TensorSet(ds.x[:n], ds.y[:n], None if ds.difficulty is None else ds.difficulty[:n], ds.augment)
+        return TensorSet(ds.x[:n], ds.y[:n], None if ds.difficulty is None else ds.difficulty[:n], ds.augment,
+                         ds.ra_reps)
     if hasattr(ds, "subset"):  # a user dataset (trainrun.data.user.UserSet)
         return ds.subset(n)
-    return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets)
+    return FileSet(ds.base, ds.indices[:n], ds.transform, ds.base.targets, ds.ra_reps)
 
 
 def sample_inputs(ds, n: int) -> torch.Tensor:
