@@ -429,6 +429,7 @@ def _preflight_auto(cfg: DictConfig, root: Path, sweep: bool) -> Optional[str]:
     """resume=auto before Hydra starts: the run directory under `root` (where runs are written on this machine) to
     check as a resume, or None (a fresh start). A sweep's jobs continue in their own folders of a named sweep, so
     auto there needs sweep_name (an unnamed sweep gets a new timestamped folder at each launch)."""
+    from trainrun import storage
     from trainrun.resume import resolve_auto
 
     if sweep and cfg.mode == "train":
@@ -436,6 +437,8 @@ def _preflight_auto(cfg: DictConfig, root: Path, sweep: bool) -> Optional[str]:
             raise ConfigError("resume=auto in a sweep (-m, a launcher such as +cluster=slurm) continues each job in its "
                               "folder of a named sweep: add sweep_name=NAME, the same at every launch")
         return None
+    if storage.is_url(cfg.output_root) and cfg.run_name:  # a clean machine continues the run the store holds
+        storage.fetch_if_any(f"{cfg.output_root.rstrip('/')}/{cfg.run_name}")
     return resolve_auto(cfg.resume, root, cfg.run_name, cfg.mode)
 
 
