@@ -181,10 +181,9 @@ def test_hydra_options_go_before_the_overrides(args, expected):
 
 def test_an_option_between_overrides_is_not_a_usage_error(tmp_path):
     """Hydra's argparse stops at overrides after an option (`trainrun +recipe=x -m seed=0,1` was a usage error)."""
-    import subprocess
-    import sys
 
-    p = subprocess.run([sys.executable, "-m", "trainrun", "model=mlp", "--cfg", "job", "optimizer=sgd"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    from conftest import trainrun_process
+
+    p = trainrun_process(["model=mlp", "--cfg", "job", "optimizer=sgd"], tmp_path, dict(os.environ), timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "name: sgd" in p.stdout and "name: mlp" in p.stdout

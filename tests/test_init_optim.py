@@ -7,8 +7,6 @@ os.environ["WANDB_MODE"] = "disabled"
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,6 +22,7 @@ from trainrun.init import apply_init  # noqa: E402
 from trainrun.models import build_model  # noqa: E402
 from trainrun.optim import apply_hparams, build_optimizer  # noqa: E402
 from trainrun.schedule import Schedule  # noqa: E402
+from conftest import trainrun_process  # noqa: E402
 
 
 def opt_cfg(**kw):
@@ -409,8 +408,7 @@ def test_activation_report_restores_mode_removes_hooks_and_renders_every_row():
 # ---------------------------------------------------------------------------------------------
 
 def _cli(cwd, *args):
-    return subprocess.run([sys.executable, "-m", "trainrun", *args], cwd=cwd,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    return trainrun_process(args, cwd, {**os.environ, "WANDB_MODE": "disabled"})
 
 
 def _ok(p):

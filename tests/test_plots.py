@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from trainrun import plots
+from conftest import trainrun_process  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -212,9 +213,8 @@ def test_main_bad_path_exits_2_with_one_line(tmp_path, capsys, case):
 
 def test_end_to_end_real_cli_run(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-m", "trainrun", "trainer.max_steps=10", "trainer.eval_every=5",
-                        "model=mlp", "logger.progress=off", "run_name=r"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = trainrun_process(["trainer.max_steps=10", "trainer.eval_every=5", "model=mlp", "logger.progress=off",
+                          "run_name=r"], tmp_path, env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     run = tmp_path / "runs" / "r"
     assert (run / "metrics.jsonl").is_file()

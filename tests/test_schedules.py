@@ -10,8 +10,6 @@ os.environ["WANDB_MODE"] = "disabled"
 
 import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,6 +22,7 @@ transformers_opt = pytest.importorskip("transformers.optimization")
 from trainrun.config import ScheduleConfig  # noqa: E402
 from trainrun.errors import ConfigError  # noqa: E402
 from trainrun.schedule import Schedule  # noqa: E402
+from conftest import trainrun_process  # noqa: E402
 
 WT = [(0, 50), (10, 100), (7, 33), (3, 4)]  # (warmup, total) pairs
 
@@ -329,8 +328,7 @@ RESUME = ["schedule=plateau", "schedule.patience=0", "trainer.eval_every=2", "tr
 
 
 def cli(cwd, *args):
-    p = subprocess.run([sys.executable, "-m", "trainrun", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                       timeout=300)
+    p = trainrun_process(args, cwd, ENV, timeout=300)
     assert p.returncode == 0, \
         f"trainrun {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import read_jsonl, structured
+from conftest import trainrun_process, read_jsonl, structured
 from trainrun.config import TaskConfig
 from trainrun.errors import ConfigError, DataError
 from trainrun.tasks.classification import Classification
@@ -140,12 +140,10 @@ def user_env():
 
 
 def run_task(tmp_path, *args, check=True):
-    import subprocess
 
     cmd = [sys.executable, "-m", "trainrun", "logger.progress=lines", "logger.log_every=5", "logger.plots=false",
            *args]
-    p = subprocess.run(cmd, cwd=tmp_path, env={**user_env(), "WANDB_MODE": "disabled"}, capture_output=True,
-                       text=True, timeout=600)
+    p = trainrun_process(cmd[3:], tmp_path, {**user_env(), "WANDB_MODE": "disabled"})
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     return p
@@ -182,8 +180,7 @@ def test_task_metrics_reduce_across_ranks_as_one_process_computes_them(tmp_path)
                         "-m", "trainrun", "run_name=ddp", "data.batch_size=16", *common], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run([sys.executable, "-m", "trainrun", "run_name=one", "data.batch_size=32", *common],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    p = trainrun_process(["run_name=one", "data.batch_size=32", *common], tmp_path, env)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {name: read_jsonl(tmp_path / f"runs/{name}/metrics.jsonl") for name in ("ddp", "one")}
     for key in ("train/mae", "train/loss", "val/mae", "val/r2"):

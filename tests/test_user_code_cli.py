@@ -3,13 +3,11 @@ callback's state; one-line errors before compute; the trust rule for stored conf
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST
+from conftest import trainrun_process, FAST
 
 TESTS = Path(__file__).resolve().parent
 USER_RUN = ["model._target_=userpkg.nets.TinyNet", "model.width=32", "data._target_=userpkg.data.digits_binary",
@@ -20,8 +18,7 @@ USER_RUN = ["model._target_=userpkg.nets.TinyNet", "model.width=32", "data._targ
 def trainrun(cwd, *args, check=True, env=None):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "trainrun", *args, *FAST], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = trainrun_process([*args, *FAST], cwd, env)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     return p

@@ -22,6 +22,7 @@ import pytest
 
 pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
+from conftest import trainrun_process  # noqa: E402
 
 BASE = ["logger=wandb", "logger.mode=offline", "logger.log_every=5", "trainer.max_steps=20", "trainer.eval_every=10",
         "model=mlp", "logger.progress=lines"]
@@ -107,8 +108,8 @@ def trainrun(cwd: Path, *args: str, silent: bool = True, **kw) -> subprocess.Com
         env["WANDB_SILENT"] = "true"
     else:
         env.pop("WANDB_SILENT", None)
-    return subprocess.run([sys.executable, "-m", "trainrun", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=180, **kw)
+    assert not kw, kw
+    return trainrun_process(args, cwd, env, timeout=180)
 
 
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
