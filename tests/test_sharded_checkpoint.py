@@ -30,7 +30,8 @@ def torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trainrun",
            *args, *COMMON, *FAST]
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"torchrun {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, f"torchrun {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n" \
+                              f"{p.stderr[-3000:]}"
     return p
 
 
@@ -116,6 +117,8 @@ def test_mode_consolidate_through_the_runner_writes_into_run_consolidate(runs, t
         assert sha_of(run_dir, 6) == sha_of(runs / "full", 6)
         with pytest.raises(ConfigError, match="already a single-file checkpoint"):
             run(compose([*FAST, "mode=consolidate", f"resume={run_dir}"]), tmp_path / "again")
+        with pytest.raises(ConfigError, match="mode=consolidate needs the sharded checkpoint: resume="):
+            run(compose([*FAST, "mode=consolidate"]), tmp_path / "none")
     finally:
         shutil.rmtree(run_dir.parent, ignore_errors=True)
 

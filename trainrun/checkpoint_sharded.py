@@ -27,7 +27,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -68,11 +68,10 @@ def save(run, step: int, meta: Dict[str, Any], *, metric: Optional[float], keep_
     `latest`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     info = run.info
     rest = {name: part.save() for name, part in run.parts.items() if name not in SHARDED_PARTS}
-    model_sd, optim_sd = get_state_dict(run.net, run.optimizer, options=StateDictOptions(full_state_dict=False))
+    model_sd, optim_sd = distributed.sharded_state(run.net, run.optimizer)
     root = Path(run.dir) / "checkpoints"
     final = root / checkpoint.step_name(step)
     tmp = Path(distributed.broadcast_object(str(root / f".tmp-{final.name}-{os.getpid()}")))
@@ -364,15 +363,13 @@ def restore(run) -> None:
     """Load the shards into the built FSDP2 model and optimizer (every rank reads what its shard needs; DCP
     reshards when the world size changed)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     ckpt_dir = run.resumed.dir
     if run.parallel != "fsdp2":
         raise ConfigError(f"resume={ckpt_dir}: a sharded checkpoint resumes under trainer.parallel=fsdp2 (this run "
                           f"uses {run.parallel}); resume with trainer.parallel=fsdp2, or "
                           f"{consolidate_hint(ckpt_dir)}")
-    options = StateDictOptions(full_state_dict=False)
-    model_sd, optim_sd = get_state_dict(run.net, run.optimizer, options=options)
+    model_sd, optim_sd = distributed.sharded_state(run.net, run.optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     try:
         dcp.load(state, storage_reader=_reader(Path(ckpt_dir) / SHARDS), planner=_planner())
@@ -381,8 +378,7 @@ def restore(run) -> None:
         raise CheckpointError(f"resume refused: checkpoint {ckpt_dir}: its shards do not fit the model and "
                               f"optimizer this config builds ({why}); resume with the checkpoint's settings or "
                               "start a new run") from e
-    set_state_dict(run.net, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=options)
+    distributed.load_sharded_state(run.net, run.optimizer, state["model"], state["optimizer"])
 
 
 def load_full(ckpt_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:

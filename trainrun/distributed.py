@@ -171,6 +171,23 @@ def load_full_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict,
     optimizer.load_state_dict(optim_sd)
 
 
+def sharded_state(model: nn.Module, optimizer) -> tuple:
+    """FSDP2: this rank's shards of the model and optimizer state (DTensors, parameter-name keys), nothing gathered:
+    what checkpoint.format=sharded writes with torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=False))
+
+
+def load_sharded_state(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """The mirror of `sharded_state`: shards (as torch.distributed.checkpoint loaded them) into the FSDP2 model and
+    its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=False))
+
+
 def failure_line(error: BaseException, run_dir) -> str:
     """One line for an exception that ended this rank's run (rank 0 prints it; its traceback goes to a file).
 

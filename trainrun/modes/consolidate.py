@@ -20,6 +20,8 @@ def consolidate_mode(cfg, run_dir: Path, t0: float) -> Dict[str, Any]:
     if distributed.env_info().enabled:
         raise ConfigError("mode=consolidate runs in one process (it reads every shard itself): run it without "
                           "torchrun")
+    if not cfg.resume:
+        raise ConfigError("mode=consolidate needs the sharded checkpoint: resume=<run dir or checkpoints/step_* dir>")
     source = checkpoint.candidates(cfg.resume, Path(cfg.output_root), cfg.run_name)[0]
     if not checkpoint_sharded.is_sharded(source):
         raise ConfigError(f"resume={cfg.resume}: checkpoint {source} is already a single-file checkpoint "
