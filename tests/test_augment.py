@@ -72,7 +72,7 @@ def test_image_file_train_transform_is_torchvision_v2(folder, policy, interpolat
                                                                interpolation=mode, antialias=True),
                             v2.RandomHorizontalFlip(), *_policy(policy, policy_mode), v2.ColorJitter(0.3, 0.3, 0.3),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])])
-    assert split.input_shape == (3, 12, 12)
+    assert split.input_shape == (3, 16, 16)  # the eval size: what trainrun.load and export feed the model
     for i, seed in ((0, 11), (3, 12345), (5, sample_seed(0, 2, 5))):
         torch.manual_seed(99)
         before = torch.get_rng_state()

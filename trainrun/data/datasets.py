@@ -354,8 +354,8 @@ def load_tensor_file_set(cfg) -> Split:
 class _ImageTransforms:
     train: Callable  # transform(img, sample_seed) of the training split
     eval: Callable  # of val and test (and of train without data.augment)
-    train_size: int  # the training crop: the model's input shape
-    eval_size: int
+    train_size: int  # the training crop
+    eval_size: int  # the eval crop: the input shape the checkpoint records (trainrun.load, export take it)
     short_side: Optional[int]  # eval: the short side before the centre crop (None: the image as is)
     mean: List[float]
     std: List[float]
@@ -481,7 +481,7 @@ def load_imagefolder_set(cfg) -> Split:
             else FileSet(base, idx, tf.eval, base.targets) for name, (base, idx) in parts.items()}
     classes = parts["train"][0].classes
     sizes = " / ".join(f"{len(ds)} {name}" for name, ds in sets.items())
-    return Split(sets["train"], sets["val"], len(classes), (3, tf.train_size, tf.train_size),
+    return Split(sets["train"], sets["val"], len(classes), (3, tf.eval_size, tf.eval_size),
                  _folder_fingerprint(root), f"imagefolder({root}): {sizes}, {len(classes)} classes"
                  + _augment_note(cfg), test=sets.get("test"), class_names=list(classes),
                  preprocess={"image_size": tf.eval_size, "short_side": tf.short_side, "mean": tf.mean, "std": tf.std})
