@@ -191,3 +191,18 @@ def test_format_sharded_needs_fsdp2_and_a_synchronous_save(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.format=sharded .* this run is one process"):
         run(compose([*FAST, "trainer.device=cpu", "checkpoint.format=sharded", "trainer.max_steps=2"]), tmp_path)
     assert not list(tmp_path.iterdir())  # refused before the run directory is touched
+
+
+def test_a_failed_write_on_any_rank_is_one_line_and_leaves_no_half_folder(tmp_path):
+    import errno
+
+    tmp = tmp_path / "checkpoints" / ".tmp-step_000000003-1"
+    (tmp / "dcp").mkdir(parents=True)
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "dcp" / "__0_0.distcp"))
+
+    with pytest.raises(CheckpointError, match=r"sharded checkpoint .*step_000000003 not written: rank 0: No space "
+                                              r"left on device .*the previous checkpoint is intact"):
+        checkpoint_sharded._agree(disk_full, main=False, tmp=tmp)
+    assert not tmp.exists()
