@@ -152,6 +152,25 @@ def test_the_next_process_uploads_a_checkpoint_the_store_missed(memory_run):
     assert fs.cat_file(f"{run_path}/checkpoints/latest") == b"step_000000006\n"
 
 
+def test_a_sharded_checkpoints_files_round_trip(memory_run, tmp_path, monkeypatch):
+    """Every file of the folder travels, subfolders and hidden files too (checkpoint.format=sharded keeps DCP's
+    dcp/.metadata beside its shards)."""
+    url, run_dir, fs, run_path = memory_run
+    folder = run_dir / "checkpoints" / "step_000000004"
+    files = {"meta.json": b"{}", "state.pt": b"state", "state.pt.sha256": b"manifest", "dcp/.metadata": b"index",
+             "dcp/__0_0.distcp": b"shard 0", "dcp/__1_0.distcp": b"shard 1"}
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    storage.mirror(run_dir).upload_checkpoint(folder)
+    assert _complete(fs, run_path, "step_000000004")
+    elsewhere = tmp_path / "elsewhere"  # another machine's working directory
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    fetched = storage.fetch(f"{url}/checkpoints/step_000000004")
+    assert {p.relative_to(fetched).as_posix(): p.read_bytes() for p in fetched.rglob("*") if p.is_file()} == files
+
+
 def test_fetch_takes_the_newest_verified_checkpoint(memory_run, tmp_path, monkeypatch, caplog):
     """A folder without its record (an upload killed half-way) and one whose file does not match its record are
     skipped; the newest whole one is downloaded, with best and the run's files, into a clean working directory."""
@@ -170,7 +189,8 @@ def test_fetch_takes_the_newest_verified_checkpoint(memory_run, tmp_path, monkey
     with caplog.at_level(logging.WARNING, logger="trainrun"):
         local = checkpoint.candidates(url, "runs")
     assert [p.name for p in local] == ["step_000000004", "step_000000002"]  # the newest verified, and best
-    assert "step_000000008: no upload record" in caplog.text and "step_000000006: state.pt does not match" in caplog.text
+    assert "step_000000008: no upload record" in caplog.text
+    assert "step_000000006: state.pt does not match" in caplog.text
     state, meta = checkpoint.load(local[0])
     assert torch.equal(state["w"], torch.arange(4, dtype=torch.float32) * 4)
     staged = storage.staging_dir(url)
@@ -333,7 +353,8 @@ def test_store_problems_are_one_line_before_compute(s3, monkeypatch):
     storage.check_new_run("s3://bkt/taken/r")
     fs.pipe_file(f"bkt/taken/r/checkpoints/step_000000002/{storage.RECORD}", b"")
     with pytest.raises(ConfigError, match=r"run directory s3://bkt/taken/r already has checkpoints in the store "
-                                          r"\(step_000000002 is the newest\); continue it with resume=s3://bkt/taken/r"):
+                                          r"\(step_000000002 is the newest\); continue it with "
+                                          r"resume=s3://bkt/taken/r"):
         storage.check_new_run("s3://bkt/taken/r")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)

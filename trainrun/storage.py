@@ -210,15 +210,17 @@ def _sha256_remote(fs, key: str) -> str:
     return h.hexdigest()
 
 
-def _files(folder: Path, skip_top: Iterable[str] = ()) -> List[str]:
-    """Relative paths of the plain files under `folder`, sorted; dot-files/folders (locks, temporaries) and the
-    top-level entries `skip_top` are left out."""
+def _files(folder: Path, skip_top: Iterable[str] = (), hidden: bool = False) -> List[str]:
+    """Relative paths of the plain files under `folder`, sorted, without the top-level entries `skip_top`. Hidden
+    files and folders (locks, temporaries) are left out unless `hidden` (a sharded checkpoint's dcp/.metadata);
+    the upload record never counts."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         rel = Path(dirpath).relative_to(folder)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (rel == Path(".") and d in skip_top))
-        out += [(rel / f).as_posix() for f in filenames if not f.startswith(".") and not
-                (rel == Path(".") and f in skip_top) and os.path.isfile(os.path.join(dirpath, f))]
+        top = rel == Path(".")
+        dirnames[:] = sorted(d for d in dirnames if (hidden or not d.startswith(".")) and not (top and d in skip_top))
+        out += [(rel / f).as_posix() for f in filenames if (hidden or not f.startswith(".")) and f != RECORD
+                and not (top and f in skip_top) and os.path.isfile(os.path.join(dirpath, f))]
     return sorted(out)
 
 
@@ -233,8 +235,8 @@ def parse_record(data: bytes) -> Optional[Dict[str, str]]:
         for line in filter(str.strip, data.decode().splitlines()):
             sha, name = line.split("  ", 1)
             parts = name.split("/")
-            if len(sha) != 64 or set(sha) - set("0123456789abcdef") or name in out or \
-                    any(p in ("", ".", "..") or p.startswith(".") for p in parts) or "\\" in name:
+            if len(sha) != 64 or set(sha) - set("0123456789abcdef") or name in out or name == RECORD or \
+                    any(p in ("", ".", "..") for p in parts) or "\\" in name:
                 return None
             out[name] = sha
     except (UnicodeDecodeError, ValueError):
@@ -295,7 +297,7 @@ class Mirror:
         from trainrun.checkpoint import DIGEST, RECORDS
 
         name = ckpt_dir.name
-        digests = {rel: sha256_file(ckpt_dir / rel) for rel in _files(ckpt_dir, skip_top=RECORDS)}
+        digests = {rel: sha256_file(ckpt_dir / rel) for rel in _files(ckpt_dir, skip_top=RECORDS, hidden=True)}
         if self.record_of(name) == digests:
             self.verified.add(name)
             return  # already in the store, byte for byte
