@@ -206,3 +206,23 @@ def test_a_failed_write_on_any_rank_is_one_line_and_leaves_no_half_folder(tmp_pa
                                               r"left on device .*the previous checkpoint is intact"):
         checkpoint_sharded._agree(disk_full, main=False, tmp=tmp)
     assert not tmp.exists()
+
+
+def test_resume_ranks_split_the_verification_and_all_refuse_a_bad_shard(runs, tmp_path, monkeypatch):
+    """Under torchrun each rank hashes every world-th shard file and the ranks exchange their verdicts: rank 0 of 2
+    hashes .metadata and __1_0 itself and refuses __0_0 on rank 1's word (the exchange is faked here; the 2-rank
+    runs of the fixture go through the real one)."""
+    from trainrun import distributed
+
+    ckpt = _copy(step_dir(runs / "split", 6), tmp_path)
+    monkeypatch.setattr(distributed, "env_info", lambda: distributed.DistInfo(rank=0, world=2))
+    verdicts = {}
+    monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [mine, verdicts.get("rank 1")])
+    state, meta = checkpoint_sharded.load_for_resume(ckpt, "train")
+    assert state["model"]["1.weight"].shape == (256, 64) and state["model"]["1.weight"].is_meta
+    shard = ckpt / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # rank 1's share: rank 0 alone does not look at it
+    checkpoint_sharded.load_for_resume(ckpt, "train")
+    verdicts["rank 1"] = "checkpoint X failed its SHA256 check: dcp/__0_0.distcp"
+    with pytest.raises(CheckpointError, match=r"dcp/__0_0\.distcp"):
+        checkpoint_sharded.load_for_resume(ckpt, "train")
