@@ -172,3 +172,37 @@ def test_imagefolder_batches_do_not_depend_on_the_decoder(jpegs):
     split.train.base.loader = decode.load_rgb_pil
     slow = [split.train.load(i, 1000 + i) for i in range(4)]
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(fast, slow))
+
+
+# ------------------------------------------------------------------------------------------- bench_input
+
+def test_bench_input_smoke_run_records_every_pipeline(jpegs, tmp_path, capsys):
+    import bench_input
+
+    out = tmp_path / "bench.json"
+    record = bench_input.main(["--quick", "--data", str(jpegs[0]), "--batch", "4", "--workers", "0", "--reps", "1",
+                               "--out", str(out)])
+    assert json.loads(out.read_text())["table"] == record["table"] and record["table"] in capsys.readouterr().out
+    assert record["decoders_give_same_batch"] is True
+    assert record["decode"]["images"] == 24 and record["decode"]["files_with_different_pixels"] == []
+    assert record["decode"]["pil"]["median"] > 0 and record["decode"]["decode_jpeg"]["median"] > 0
+    pipes = record["pipelines"]
+    assert set(pipes) == {"trainrun decode_jpeg | w0", "trainrun PIL | w0", "reference | w0"}
+    assert all(p["images_per_s"]["median"] > 0 and p["workers"] == 0 for p in pipes.values())
+    assert "data.policy=trivialaugment" in record["trainrun_overrides"]
+    assert "trainrun / reference" in record["table"] and "decode_jpeg / PIL" in record["table"]
+
+
+def test_bench_input_transforms_are_the_recipes(jpegs):
+    """Both sides crop to 176 with the recipe's TrivialAugmentWide; trainrun's output is its normalised crop."""
+    import bench_input
+
+    train = bench_input.trainrun_train_set(jpegs[0], "decode_jpeg")
+    x, _ = train.load(0, 7)
+    ref = bench_input.reference_train_set(jpegs[0])
+    r, _ = ref[0]
+    assert x.shape == r.shape == (3, 176, 176) and x.dtype == r.dtype == torch.float32
+    names = [type(t).__name__ for t in train.transform.chain.transforms]
+    assert "TrivialAugmentWide" in names and "RandomResizedCrop" in names
+    assert [type(t).__name__ for t in ref.transform.transforms][:3] == ["RandomResizedCrop", "RandomHorizontalFlip",
+                                                                        "TrivialAugmentWide"]
