@@ -347,8 +347,10 @@ def test_kill_mid_upload_then_resume_from_the_bucket_is_sha_equal(s3, uninterrup
 
 def test_store_problems_are_one_line_before_compute(s3, monkeypatch):
     env, fs, _ = s3
-    with pytest.raises(ConfigError, match=r"the bucket 'nobucket' does not exist"):
+    with pytest.raises(ConfigError, match=r"output_root=s3://nobucket/runs: the bucket 'nobucket' does not exist"):
         storage.check_remote("s3://nobucket/runs")
+    with pytest.raises(ConfigError, match=r"resume=s3://nobucket/runs/r: the bucket 'nobucket' does not exist"):
+        checkpoint.candidates("s3://nobucket/runs/r", "runs")
     fs.pipe_file("bkt/taken/r/checkpoints/step_000000002/meta.json", b"{}")  # an unfinished upload: no checkpoint
     storage.check_new_run("s3://bkt/taken/r")
     fs.pipe_file(f"bkt/taken/r/checkpoints/step_000000002/{storage.RECORD}", b"")

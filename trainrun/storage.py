@@ -400,8 +400,8 @@ def upload(run_dir: Path, ckpt_dir: Path) -> None:
     except Exception as e:  # noqa: BLE001
         why = _problem(e, m.url, "output_root") or _why(e)
         raise CheckpointError(f"checkpoint {Path(ckpt_dir).name} is complete in {run_dir} but its upload to "
-                              f"{m.url} failed ({why}); the store's latest still names the previous checkpoint; "
-                              f"fix the store, then continue with resume={m.url}") from e
+                              f"{m.url} failed ({why}); the store's latest names the newest checkpoint whose upload "
+                              f"completed; fix the store, then continue with resume={m.url}") from e
 
 
 def sync_run(run_dir: Path) -> None:
@@ -413,8 +413,8 @@ def sync_run(run_dir: Path) -> None:
     try:
         m.sync_files()
     except Exception as e:  # noqa: BLE001
-        print(f"warning: could not upload the run's files to {m.url} ({_problem(e, m.url, 'output_root') or _why(e)}); "
-              f"they are in {run_dir}", flush=True)
+        why = _problem(e, m.url, "output_root") or _why(e)
+        print(f"warning: could not upload the run's files to {m.url} ({why}); they are in {run_dir}", flush=True)
 
 
 # --- download -----------------------------------------------------------------------------------------------------
@@ -433,11 +433,12 @@ def fetch(url: str, key: str = "resume") -> Path:
     if url in _FETCHED:
         return _FETCHED[url]
     fs, path = filesystem(url, key)
-    protocol, parts = _parts(url, key)
+    _, parts = _parts(url, key)
     only = parts[-1] if len(parts) >= 3 and parts[-2] == "checkpoints" and _STEP.fullmatch(parts[-1]) else None
     run_url = url.rstrip("/").rsplit("/", 2)[0] if only else url.rstrip("/")
     run_path = path.rsplit("/", 2)[0] if only else path
     local_run = staging_dir(run_url, key)
+    check_remote(run_url, key)  # credentials, endpoint, bucket: named in one line, with few retries
     try:
         chosen, skipped = _fetch_newest(fs, run_path, local_run, [only] if only else None)
         if chosen is None:
