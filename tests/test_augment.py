@@ -107,13 +107,14 @@ def test_eval_resize_and_centre_crop_is_torchvision(folder):
                             v2.CenterCrop(14), v2.Normalize([0.1, 0.2, 0.3], [0.3, 0.2, 0.1])])
     x, _ = split.val.load(0, 5)
     assert x.shape == (3, 14, 14) and torch.equal(x, reference(img))
-    assert split.preprocess == {"image_size": 14, "short_side": 20, "mean": [0.1, 0.2, 0.3], "std": [0.3, 0.2, 0.1]}
+    assert split.preprocess == {"image_size": 14, "short_side": 20, "mean": [0.1, 0.2, 0.3], "std": [0.3, 0.2, 0.1],
+                                "interpolation": "bicubic"}
     # without data.augment the training split is evaluated the same way, whatever the seed
     assert torch.equal(split.train.load(0, 1)[0], split.train.load(0, 2)[0])
     # bilinear gives other pixels: the interpolation key reaches the resize
     bilinear = build_split(data_cfg(name="imagefolder", root=str(folder), image_size=16, val_resize_size=20,
                                     val_crop_size=14, mean=[0.1, 0.2, 0.3], std=[0.3, 0.2, 0.1]))
-    assert not torch.equal(bilinear.val.load(0, 5)[0], x)
+    assert not torch.equal(bilinear.val.load(0, 5)[0], x) and "interpolation" not in bilinear.preprocess
 
 
 def test_default_eval_is_todays_pixels(folder):

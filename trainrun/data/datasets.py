@@ -70,7 +70,8 @@ class Split:
     when shrinking; None: as is), then (x - mean) / std with the TRAINING split's mean and std (0 and 1 where the
     set is not standardised). Image files: {"image_size", "short_side", "mean", "std"}: the image as floats in
     [0, 1], its shorter side resized to short_side then centre-cropped to image_size (short_side None: resized to
-    image_size x image_size), then normalised per channel. User data: {} (the dataset prepares its own samples)."""
+    image_size x image_size), then normalised per channel; "interpolation" (bicubic|nearest) of the resize where
+    data.interpolation is not bilinear. User data: {} (the dataset prepares its own samples)."""
     train: object  # TensorSet | FileSet | trainrun.data.user.UserSet
     val: object
     num_classes: Optional[int]  # classification: the classes; None for other tasks
@@ -484,7 +485,16 @@ def load_imagefolder_set(cfg) -> Split:
     return Split(sets["train"], sets["val"], len(classes), (3, tf.eval_size, tf.eval_size),
                  _folder_fingerprint(root), f"imagefolder({root}): {sizes}, {len(classes)} classes"
                  + _augment_note(cfg), test=sets.get("test"), class_names=list(classes),
-                 preprocess={"image_size": tf.eval_size, "short_side": tf.short_side, "mean": tf.mean, "std": tf.std})
+                 preprocess=_image_preprocess(cfg, tf))
+
+
+def _image_preprocess(cfg, tf: _ImageTransforms) -> Dict[str, Any]:
+    """The eval transform as the checkpoint records it (Split.preprocess); "interpolation" only where it is not
+    bilinear, so the records of runs before the key existed stay what they were."""
+    spec = {"image_size": tf.eval_size, "short_side": tf.short_side, "mean": tf.mean, "std": tf.std}
+    if cfg.get("interpolation", "bilinear") != "bilinear":
+        spec["interpolation"] = cfg.interpolation
+    return spec
 
 
 def _augment_note(cfg) -> str:
