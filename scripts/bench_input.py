@@ -18,8 +18,10 @@ And decode only (one process): PIL `Image.open().convert("RGB")` vs torchvision.
 whether both give identical pixels on every file.
 
 images/s per worker = images/s / max(1, workers): with 0 workers the main process does the work on one core. The
-main process runs with torch.set_num_threads(1), as DataLoader workers do. Variants are interleaved per repetition
-and reported as median (min-max).
+main process runs with torch.set_num_threads(1), as DataLoader workers do. Besides wall-clock images/s, every row
+reports images per CPU-second (user + system time of the process and its workers, psutil): on a busy shared machine
+wall time counts the time other processes hold the cores, CPU time does not, so it is the steadier figure of what a
+core delivers. Variants are interleaved per repetition and reported as median (min-max).
 
     python scripts/bench_input.py                # full run (~3-5 min on 2 cores), JSON to docs/bench/bench_input.json
     python scripts/bench_input.py --quick        # smoke run (< 30 s), JSON to the temp dir
@@ -108,17 +110,22 @@ def decode_rates(files: List[Path], reps: int) -> Dict[str, Any]:
 
     blobs = [read_bytes(f) for f in files]  # decode only: the page cache and file reads are not what differs
     rates: Dict[str, List[float]] = {"pil": [], "decode_jpeg": []}
+    per_cpu: Dict[str, List[float]] = {"pil": [], "decode_jpeg": []}
     for b in blobs[:4]:  # warm: PIL's plugin imports and first-call set-up are not per-image costs
         decode_pil(b), decode_jpeg_tv(b)
     for _ in range(reps):
         for name, fn in (("pil", decode_pil), ("decode_jpeg", decode_jpeg_tv)):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for b in blobs:
                 fn(b)
             rates[name].append(len(blobs) / (time.perf_counter() - t))
+            per_cpu[name].append(len(blobs) / max(time.process_time() - c, 1e-9))
     differ = [str(f) for f, b in zip(files, blobs) if not torch.equal(decode_pil(b), decode_jpeg_tv(b))]
     return {"images": len(files), "pil": bu.summary(rates["pil"]), "decode_jpeg": bu.summary(rates["decode_jpeg"]),
-            "speedup": bu.median(rates["decode_jpeg"]) / bu.median(rates["pil"]), "files_with_different_pixels": differ}
+            "pil_per_cpu_s": bu.summary(per_cpu["pil"]), "decode_jpeg_per_cpu_s": bu.summary(per_cpu["decode_jpeg"]),
+            "speedup": bu.median(rates["decode_jpeg"]) / bu.median(rates["pil"]),
+            "speedup_cpu": bu.median(per_cpu["decode_jpeg"]) / bu.median(per_cpu["pil"]),
+            "files_with_different_pixels": differ}
 
 
 def first_batch(root: Path, decoder: str, batch: int) -> torch.Tensor:
@@ -133,6 +140,25 @@ def first_batches_equal(root: Path, batch: int) -> bool:
     return torch.equal(first_batch(root, "decode_jpeg", batch), first_batch(root, "pil", batch))
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its live children (the DataLoader workers): unlike wall
+    time, they do not grow while other processes hold the cores of a busy machine."""
+    try:
+        import psutil
+    except ImportError:  # without psutil: this process only (exact for workers=0)
+        return time.process_time()
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # a worker that just exited
+            continue
+        total += t.user + t.system
+    return total
+
+
 def bench_pipelines(root: Path, batch: int, workers: List[int], reps: int) -> Dict[str, Any]:
     """images/s of one warm epoch per repetition for every (pipeline, workers), interleaved."""
     makers = {"trainrun decode_jpeg": lambda w: trainrun_epochs(trainrun_train_set(root, "decode_jpeg"), batch, w),
@@ -144,30 +170,37 @@ def bench_pipelines(root: Path, batch: int, workers: List[int], reps: int) -> Di
         for fn in epochs.values():
             fn(0)  # warm: worker start-up, imports, page cache
         rates: Dict[str, List[float]] = {name: [] for name in epochs}
+        per_cpu: Dict[str, List[float]] = {name: [] for name in epochs}
         for rep in range(reps):
             for name, fn in epochs.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), cpu_seconds()
                 n = fn(rep + 1)
                 rates[name].append(n / (time.perf_counter() - t))
+                per_cpu[name].append(n / max(cpu_seconds() - c, 1e-9))
         for name, r in rates.items():
             s = bu.summary(r)
             results[f"{name} | w{w}"] = {"pipeline": name, "workers": w, "images_per_s": s,
-                                         "images_per_s_per_worker": s["median"] / max(1, w)}
+                                         "images_per_s_per_worker": s["median"] / max(1, w),
+                                         "images_per_cpu_s": bu.summary(per_cpu[name])}
         del epochs
     return results
 
 
 def table(decode: Dict[str, Any], pipes: Dict[str, Any], workers: List[int]) -> str:
-    rows = [["decode only (1 process)", "-", bu.med_range(decode["pil"]), bu.med_range(decode["decode_jpeg"]), "-",
-             f"decode_jpeg / PIL {decode['speedup']:.2f}x"]]
+    rows = [["decode only (1 process): images/s", "-", bu.med_range(decode["pil"]), bu.med_range(decode["decode_jpeg"]),
+             "-", f"decode_jpeg / PIL {decode['speedup']:.2f}x"],
+            ["decode only (1 process): images per CPU-second", "-", bu.med_range(decode["pil_per_cpu_s"]),
+             bu.med_range(decode["decode_jpeg_per_cpu_s"]), "-", f"decode_jpeg / PIL {decode['speedup_cpu']:.2f}x"]]
+    names = ("trainrun PIL", "trainrun decode_jpeg", "reference")
     for w in workers:
-        get = {p: pipes[f"{p} | w{w}"] for p in ("trainrun decode_jpeg", "trainrun PIL", "reference")}
-        ratio = get["trainrun decode_jpeg"]["images_per_s"]["median"] / get["reference"]["images_per_s"]["median"]
-        rows.append([f"recipe train transform, workers {w}", bu.fmt(get["trainrun decode_jpeg"]["images_per_s_per_worker"]),
-                     bu.med_range(get["trainrun PIL"]["images_per_s"]),
-                     bu.med_range(get["trainrun decode_jpeg"]["images_per_s"]),
-                     bu.med_range(get["reference"]["images_per_s"]), f"trainrun / reference {ratio:.2f}x"])
-    return bu.table(["images/s", "trainrun per worker", "trainrun PIL", "trainrun decode_jpeg (default)",
+        get = {p: pipes[f"{p} | w{w}"] for p in names}
+        for measure, label in (("images_per_s", "images/s"), ("images_per_cpu_s", "images per CPU-second")):
+            ratio = get["trainrun decode_jpeg"][measure]["median"] / get["reference"][measure]["median"]
+            rows.append([f"recipe train transform, workers {w}: {label}",
+                         bu.fmt(get["trainrun decode_jpeg"]["images_per_s_per_worker"]) if measure == "images_per_s"
+                         else "-", *(bu.med_range(get[p][measure]) for p in names),
+                         f"trainrun / reference {ratio:.2f}x"])
+    return bu.table(["measure", "trainrun images/s per worker", "trainrun PIL", "trainrun decode_jpeg (default)",
                      "torchvision reference", "ratio"], rows)
 
 

@@ -76,7 +76,8 @@ def overrides(s: Dict[str, Any], compiled: bool) -> List[str]:
     n = max(4 * s["batch"], 2 * s["batch"] + 8) * 5 // 4
     return ["data=synthetic", f"data.input_shape=[3,{s['image_size']},{s['image_size']}]", f"data.num_samples={n}",
             f"data.num_classes={s['classes']}", f"data.batch_size={s['batch']}", f"model={s['model']}",
-            "model.small_input=false", f"precision={s['precision']}", "trainer.channels_last=true", f"trainer.compile={str(compiled).lower()}",
+            "model.small_input=false", f"precision={s['precision']}", "trainer.channels_last=true",
+            f"trainer.compile={str(compiled).lower()}",
             f"trainer.max_steps={total + 1}", f"determinism={s['determinism']}", "logger.plots=false",
             "optimizer=sgd", "seed=0", f"trainer.device={'cpu' if s['device'] == 'cpu' else 'auto'}"]
 
