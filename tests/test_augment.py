@@ -220,6 +220,8 @@ def test_policy_refuses_tensors_outside_the_unit_range(tmp_path):
     ({"name": "cifar10", "augment": True, "train_crop_size": 24}, "data.train_crop_size=24: data=cifar10 trains"),
     ({"augment": True, "crop_scale": [0.08, 1.0]}, "data.crop_scale=[0.08, 1.0]: applies to image files"),
     ({"mean": [0.1, 0.1, 0.1]}, "data.mean=[0.1, 0.1, 0.1]: applies to image files"),
+    ({"crop_scale": [0.08, 1.0]}, "data.crop_scale=[0.08, 1.0]: applies to image files"),  # not "set augment" first
+    ({"_target_": "mypkg.data.splits", "ra_reps": 2}, "data.ra_reps=2: with data._target_ your dataset prepares"),
 ])
 def test_augmentation_keys_are_checked(keys, message):
     with pytest.raises(ConfigError) as e:

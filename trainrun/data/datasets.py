@@ -555,7 +555,6 @@ def check(cfg) -> None:
         _check_augmentation(cfg, checks)
 
 
-IMAGE_FILE_SETS = ("cifar10", "imagefolder")
 IMAGEFOLDER_ONLY = ("train_crop_size", "val_resize_size", "val_crop_size", "crop_scale", "crop_ratio")
 
 
@@ -593,32 +592,37 @@ def _check_range_pair(checks: SectionChecks, key: str, pair: List[float], upper:
         checks.fail(key, f"give [low, high] with 0 < low <= high{bound}")
 
 
+AUGMENT_KEYS = ("policy", "color_jitter", "train_crop_size", "crop_scale", "crop_ratio", "ra_reps")
+
+
 def _check_augmentation_applies(cfg, checks: SectionChecks) -> None:
-    """Refuse a key that would silently do nothing for this data or without data.augment."""
+    """Refuse a key that would silently do nothing for this data, then one that needs data.augment."""
     from trainrun.config import DataConfig
 
     default = DataConfig()
-    changed = [k for k in ("policy", "color_jitter", "train_crop_size", "crop_scale", "crop_ratio", "ra_reps")
+    changed = [k for k in (*AUGMENT_KEYS, "val_resize_size", "val_crop_size", "mean", "std")
                if _differs(cfg.get(k), getattr(default, k))]
-    if changed and not cfg.augment:
-        key = changed[0]
+    if cfg.get("_target_") is not None and changed:
+        checks.fail(changed[0], "with data._target_ your dataset prepares (and augments) its own samples; these "
+                                "keys apply to trainrun's built-in data: drop it")
+    if cfg.name == "cifar10":
+        wrong = [k for k in changed if k in IMAGEFOLDER_ONLY]
+        why = ("data=cifar10 trains and evaluates on its 32x32 images (training crop: a reflect-padded random crop, "
+               "pad 4); sizes and RandomResizedCrop settings apply to data=imagefolder")
+    elif cfg.name != "imagefolder":
+        wrong = [k for k in changed if k in (*IMAGEFOLDER_ONLY, "mean", "std")]
+        why = (f"applies to image files (data=imagefolder, cifar10); data={cfg.name} keeps its image size "
+               "(data.resize) and is standardised with its training split's mean and std")
+    else:
+        wrong = []
+    if wrong:
+        checks.fail(wrong[0], why)
+    needs_augment = [k for k in changed if k in AUGMENT_KEYS]
+    if needs_augment and not cfg.augment:
+        key = needs_augment[0]
         why = ("each of the k copies would be the same image (a k-fold weight, not a new view)" if key == "ra_reps"
                else "it belongs to the training augmentation")
         checks.fail(key, f"{why}; set data.augment=true, or drop data.{key}")
-    user = cfg.get("_target_") is not None
-    if not user and cfg.name in IMAGE_FILE_SETS:
-        others = [k for k in IMAGEFOLDER_ONLY if _differs(cfg.get(k), getattr(default, k))]
-        if cfg.name == "cifar10" and others:
-            checks.fail(others[0], "data=cifar10 trains and evaluates on its 32x32 images (training crop: a reflect-"
-                                   "padded random crop, pad 4); sizes and RandomResizedCrop settings apply to "
-                                   "data=imagefolder")
-        return
-    for key in (*IMAGEFOLDER_ONLY, "mean", "std"):
-        if _differs(cfg.get(key), getattr(default, key)):
-            checks.fail(key, "applies to image files (data=imagefolder, cifar10); " + (
-                "with data._target_ the dataset prepares its own samples" if user else
-                f"data={cfg.name} keeps its image size (data.resize) and is standardised with its training split's "
-                "mean and std"))
 
 
 def _differs(value: Any, default: Any) -> bool:
