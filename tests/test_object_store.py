@@ -237,7 +237,9 @@ class _Requests(logging.Handler):
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("s3fs")
+    """moto's S3 server on a free localhost port, with the bucket `bkt`; the environment a trainrun process needs
+    to reach it (this process's own environment is left alone: the suite's other CLI tests keep theirs)."""
+    s3fs = pytest.importorskip("s3fs")
     ThreadedMotoServer = pytest.importorskip("moto.server").ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -245,21 +247,18 @@ def s3():
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process reads the bucket too
     requests = _Requests()
     werkzeug = logging.getLogger("werkzeug")
     werkzeug.addHandler(requests)
     old_level, werkzeug.level = werkzeug.level, logging.INFO
-    fs, _ = storage.filesystem("s3://bkt/x")
+    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"], key="testing", secret="testing",
+                           skip_instance_cache=True)
     fs.mkdir("bkt")
     try:
         yield env, fs, requests
     finally:
         werkzeug.removeHandler(requests)
         werkzeug.setLevel(old_level)
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         server.stop()
 
 
@@ -267,8 +266,8 @@ def _trainrun(cwd: Path, env_extra: dict, *args: str) -> subprocess.CompletedPro
     """The CLI as a user runs it, with the store's environment. The test suite's pre-imported process
     (tests/_zygote.py) serves it when it runs: the child takes the request's whole environment before anything
     reads the AWS variables (s3fs/botocore are imported and read them only when a URL is used)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **env_extra}
-    base = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    base = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # what conftest.run_cli passes
+    env = {**base, **env_extra}
     zygote = getattr(conftest, "_ZYGOTE", None)
     if zygote is not None and zygote.serves(base):
         return zygote.run({"module": "trainrun", "args": list(args)}, cwd, env, 600)
@@ -347,6 +346,8 @@ def test_kill_mid_upload_then_resume_from_the_bucket_is_sha_equal(s3, uninterrup
 
 def test_store_problems_are_one_line_before_compute(s3, monkeypatch):
     env, fs, _ = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=r"output_root=s3://nobucket/runs: the bucket 'nobucket' does not exist"):
         storage.check_remote("s3://nobucket/runs")
     with pytest.raises(ConfigError, match=r"resume=s3://nobucket/runs/r: the bucket 'nobucket' does not exist"):
