@@ -171,6 +171,25 @@ def test_a_sharded_checkpoints_files_round_trip(memory_run, tmp_path, monkeypatc
     assert {p.relative_to(fetched).as_posix(): p.read_bytes() for p in fetched.rglob("*") if p.is_file()} == files
 
 
+def test_resuming_an_older_checkpoint_by_url_branches_in_the_bucket(memory_run, tmp_path, monkeypatch):
+    """The staging copy of a clean directory holds only the checkpoint named, so the store says whether it is the
+    newest: an older one branches (a new run beside it in the bucket), the newest continues the run."""
+    from trainrun.cli import _pick_run_dir
+
+    url, run_dir, fs, run_path = memory_run
+    _save(run_dir, 2, keep_last=5)
+    _save(run_dir, 4, keep_last=5)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    older = _pick_run_dir("train", f"{url}/checkpoints/step_000000002", "runs", None)
+    assert Path(older).parent.resolve() == storage.staging_dir(url).parent.resolve()
+    assert Path(older).name.startswith("r-from-step_000000002-")
+    assert storage.remote_of(Path(older)).startswith(url + "-from-step_000000002-")
+    newest = _pick_run_dir("train", f"{url}/checkpoints/step_000000004", "runs", None)
+    assert Path(newest).resolve() == storage.staging_dir(url).resolve()
+
+
 def test_fetch_takes_the_newest_verified_checkpoint(memory_run, tmp_path, monkeypatch, caplog):
     """A folder without its record (an upload killed half-way) and one whose file does not match its record are
     skipped; the newest whole one is downloaded, with best and the run's files, into a clean working directory."""

@@ -107,9 +107,10 @@ def _pick_run_dir(mode: str, resume: Optional[str], output_root: str, run_name: 
             run = checkpoint.run_dir_of(ckpt)
             if mode in WEIGHTS_MODES:  # eval/test/predict/export write into RUN/MODE/<time>, never over the run
                 return str(rundir.claim(run / mode, _now()))
-            if checkpoint.is_latest(ckpt):
+            if checkpoint.is_latest(ckpt) and not storage.superseded(ckpt):
                 return str(run)
-            return str(rundir.claim(root, f"{run.name}-from-{ckpt.name}-{_now()}"))  # a branch: never overwrite
+            beside = run.parent if storage.remote_of(run) else root  # a bucket's run branches in the bucket
+            return str(rundir.claim(beside, f"{run.name}-from-{ckpt.name}-{_now()}"))  # a branch: never overwrite
     if run_name:
         rundir.check_name("run_name", run_name)
         return str(root / run_name)

@@ -424,6 +424,13 @@ class _Unusable(Exception):
 
 
 _FETCHED: Dict[str, Path] = {}
+_SUPERSEDED: set = set()  # fetched checkpoints (resolved paths) older than the newest complete one in the store
+
+
+def superseded(ckpt_dir: Path) -> bool:
+    """Whether `ckpt_dir` was fetched by its URL and the store holds a newer complete checkpoint of its run (the
+    staging copy alone cannot tell: resuming it branches, as resuming an older local checkpoint does)."""
+    return str(Path(ckpt_dir).resolve()) in _SUPERSEDED
 
 
 def fetch(url: str, key: str = "resume") -> Path:
@@ -456,6 +463,8 @@ def fetch(url: str, key: str = "resume") -> Path:
         raise CheckpointError(_problem(e, url, key) or f"{key}={url}: could not download from the store "
                               f"({_why(e)})") from e
     _FETCHED[url] = local_run / "checkpoints" / only if only else local_run
+    if only and (_newest_recorded(run_url, key) or only) > only:
+        _SUPERSEDED.add(str(_FETCHED[url].resolve()))
     return _FETCHED[url]
 
 
