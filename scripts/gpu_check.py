@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import resource
@@ -95,6 +96,7 @@ def peak_memory(device: torch.device) -> Dict[str, Any]:
 
 
 def reset_memory(device: torch.device) -> None:
+    gc.collect()  # the previous variant's Run, model and optimizer state
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
