@@ -146,7 +146,7 @@ def _tensor_augment(shape: Tuple[int, int, int], flip: bool, cfg, mean: float, s
     seeds[k], as image files do, so batches are a pure function of (seed, epoch, index)."""
     import torchvision.transforms.v2.functional as F
 
-    from trainrun.data.transforms import chain_seed, describe_policy, policy_chain
+    from trainrun.data.transforms import describe_policy, policy_chain
 
     _, h, w = shape
     pad = max(1, min(h, w) // 8)
@@ -160,7 +160,7 @@ def _tensor_augment(shape: Tuple[int, int, int], flip: bool, cfg, mean: float, s
             i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
             crop = padded[k, :, i:i + h, j:j + w]
             out[k] = F.horizontal_flip(crop) if flip and bool(torch.rand(1, generator=g) < 0.5) else crop
-        return out if chain is None else _apply_chain(chain, out, seeds, mean, std, chain_seed)
+        return out if chain is None else _apply_chain(chain, out, seeds, mean, std)
 
     policy = describe_policy(cfg)
     augment.description = (f"augment: random crop (edge pad {pad})" + (" + horizontal flip" if flip else "")
@@ -168,10 +168,11 @@ def _tensor_augment(shape: Tuple[int, int, int], flip: bool, cfg, mean: float, s
     return augment
 
 
-def _apply_chain(chain: Callable, x: torch.Tensor, seeds: Sequence[int], mean: float, std: float,
-                 chain_seed: Callable[[int], int]) -> torch.Tensor:
+def _apply_chain(chain: Callable, x: torch.Tensor, seeds: Sequence[int], mean: float, std: float) -> torch.Tensor:
     """`chain` on each sample of the standardised batch x, at the [0, 1] scale, under its own seed. On the CPU:
     AugMix draws its Dirichlet weights on the image's device, from a CUDA generator no seed here reaches."""
+    from trainrun.data.transforms import chain_seed
+
     xc = x.cpu() * std + mean
     with torch.random.fork_rng(devices=[]):
         for k, s in enumerate(seeds):
