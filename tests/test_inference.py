@@ -196,6 +196,13 @@ def test_preprocess_of_image_files_is_the_validation_transform(tmp_path):
     expected = torch.stack([_image_transform(8, False, mean, std, False)(Image.open(f).convert("RGB"),
                                                                         torch.Generator()) for f in files])
     assert torch.equal(pre(files), expected) and pre(str(files[0])).shape == (1, 3, 8, 8)
+    from trainrun.data.transforms import image_eval_transform
+
+    bicubic = Preprocess({"image_size": 8, "short_side": 9, "mean": mean, "std": std, "interpolation": "bicubic"},
+                         (3, 8, 8))
+    plain = image_eval_transform(8, 9, mean, std, "bicubic")  # what a data.interpolation=bicubic run evaluated on
+    expected = torch.stack([plain(Image.open(f).convert("RGB"), torch.Generator()) for f in files])
+    assert torch.equal(bicubic(files), expected) and not torch.equal(bicubic(files), pre(files))
     with pytest.raises(ConfigError, match=r"input of shape \(1, 1, 4, 4\).*\[N, 1, 8, 8\]"):
         Preprocess({"scale": 1.0, "resize": None, "mean": 0.0, "std": 1.0}, (1, 8, 8))(torch.zeros(1, 4, 4))
 

@@ -113,17 +113,18 @@ class Preprocess:
     def _images(self, x: Any) -> torch.Tensor:
         import torchvision.transforms.v2.functional as F
         from PIL import Image
+        from torchvision.transforms import InterpolationMode
 
         items = x if isinstance(x, (list, tuple)) else [x]
         s, out = self.spec, []
         for item in items:
             img = Image.open(item).convert("RGB") if isinstance(item, (str, Path)) else item
             t = F.to_dtype(F.to_image(img), torch.float32, scale=True)
-            size = int(s["image_size"])
+            size, mode = int(s["image_size"]), InterpolationMode(s.get("interpolation", "bilinear"))
             if s.get("short_side"):
-                t = F.center_crop(F.resize(t, int(s["short_side"]), antialias=True), [size, size])
+                t = F.center_crop(F.resize(t, int(s["short_side"]), mode, antialias=True), [size, size])
             elif tuple(t.shape[-2:]) != (size, size):
-                t = F.resize(t, [size, size], antialias=True)
+                t = F.resize(t, [size, size], mode, antialias=True)
             out.append(F.normalize(t, list(s["mean"]), list(s["std"])))
         return torch.stack(out)
 
