@@ -206,3 +206,18 @@ def test_bench_input_transforms_are_the_recipes(jpegs):
     assert "TrivialAugmentWide" in names and "RandomResizedCrop" in names
     assert [type(t).__name__ for t in ref.transform.transforms][:3] == ["RandomResizedCrop", "RandomHorizontalFlip",
                                                                         "TrivialAugmentWide"]
+
+
+def test_imagefolder_run_on_generated_jpegs_resumes_bitwise(tmp_path):
+    """Through the CLI: a run on make_imagefolder's JPEGs (decode_jpeg, the recipe's policy) stopped at step 3 and
+    resumed ends with the checkpoint SHA256 of the uninterrupted run."""
+    from tests.conftest import FAST, run_cli, sha_of
+
+    make_imagefolder(tmp_path / "jpegs", classes=2, per_class=6, size=64, seed=1, val_per_class=2)
+    common = ["data=imagefolder", "data.root=jpegs", "data.image_size=16", "data.augment=true",
+              "data.policy=trivialaugment", "data.batch_size=4", "data.num_workers=0", "model=mlp",
+              "trainer.max_steps=6", "trainer.ckpt_every=3", "trainer.eval_every=3", *FAST]
+    run_cli(tmp_path, "run_name=whole", *common)
+    run_cli(tmp_path, "run_name=cut", "trainer.stop_at_step=3", *common)
+    run_cli(tmp_path, "run_name=cut", "resume=runs/cut", *common)
+    assert sha_of(tmp_path / "runs/cut", 6) == sha_of(tmp_path / "runs/whole", 6)
