@@ -75,6 +75,8 @@ def test_the_same_command_killed_twice_ends_with_the_uninterrupted_bytes_in_one_
     assert f"{JOB_ID}/checkpoints/{ck.step_name(requeued['killed_at'])} at step {requeued['killed_at']} " in log
     assert f"stopped at step {requeued['stopped_at']}/{STEPS}" in log
     assert "resumed from" in requeued["third"] and "trainrun: finished" in requeued["third"]
+    size = (run / "checkpoints" / ck.step_name(STEPS) / ck.STATE).stat().st_size  # the space line, from the
+    assert f"checkpoints: ~{ck._size(size + (64 << 10))} each, at most 4 at once = " in requeued["third"]  # resumed
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train/loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # each logged step once, across three processes
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith((".tmp-", ".old-"))]

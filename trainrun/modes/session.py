@@ -93,17 +93,21 @@ def _memory_line(run: Run) -> str:
 
 def _space_line(run: Run) -> str:
     """What the run's checkpoints will take on disk (checkpoint.space_plan) from the state's measured byte size:
-    the resumed checkpoint's, else the state now, plus the optimizer moments that its first step creates."""
+    the resumed checkpoint's, else the state now, plus the optimizer moments that its first step creates. Under
+    FSDP2 (no full gather for a line of output): the weights' and optimizer state's sizes from the model."""
     cfg, ck = run.cfg, run.cfg.checkpoint
     stored = run.resumed.meta.get("state_bytes") if run.resumed else None
-    if isinstance(stored, int) and not isinstance(stored, bool) and stored > 0:
+    plan = memory_plan(run.model, cfg.optimizer.name, cfg.optimizer.momentum, cfg.precision.name, shards=1)
+    if run.parallel == "fsdp2":  # no full gather for an estimate: the weights' and optimizer state's sizes
+        nbytes = int(plan["weights"] + plan["optimizer_state"])
+    elif isinstance(stored, int) and not isinstance(stored, bool) and stored > 0:
         nbytes = stored
     else:
         nbytes = checkpoint._state_nbytes(state_dict(run))
         if not any(run.optimizer.state.values()):
-            nbytes += memory_plan(run.model, cfg.optimizer.name, cfg.optimizer.momentum, cfg.precision.name,
-                                  shards=1)["optimizer_state"]
-    steps = checkpoint.save_steps(run.total, cfg.trainer.ckpt_every or run.steps_per_epoch, start=run.state.step)
+            nbytes += int(plan["optimizer_state"])
+    steps = checkpoint.save_steps(run.total, cfg.trainer.ckpt_every or run.steps_per_epoch)  # a resumed run's
+    # earlier checkpoints and milestones are on disk too
     line, too_big = checkpoint.space_plan(run.dir, nbytes, steps, keep_last=ck.keep_last, keep_best=ck.keep_best,
                                           keep_every_n_steps=ck.keep_every_n_steps)
     if too_big:
@@ -183,9 +187,6 @@ class Checkpointer:
         s, ck = run.state, run.cfg.checkpoint
         if self.last_step == s.step:
             return
-        if ck.format == "sharded":  # every rank writes its own shard (trainrun.checkpoint_sharded): no full gather
-            self._save_sharded()
-            return
         self._finish_write()  # at most one write in flight; parent_sha256 below names a complete checkpoint
         t0 = time.perf_counter()
         state, meta = state_dict(run), self.meta()
@@ -238,21 +239,6 @@ class Checkpointer:
                 raise
             logging.getLogger("trainrun").warning("the checkpoint being written when the run failed was not "
                                                   "completed (%s); latest names the previous one", e)
-
-    def _save_sharded(self) -> None:
-        from trainrun import checkpoint_sharded
-
-        run = self.run
-        s, ck = run.state, run.cfg.checkpoint
-        metric = s.last_eval.get(ck.monitor) if s.last_eval_step == s.step else None
-        path, sha = checkpoint_sharded.save(run, s.step, self.meta(), metric=metric, keep_last=ck.keep_last,
-                                            mode=ck.monitor_mode, keep_best=ck.keep_best,
-                                            keep_every_n_steps=ck.keep_every_n_steps)
-        self.last_sha, self.last_step = sha, s.step
-        if path is not None and self.on_saved is not None:
-            self.on_saved(s.step, sha)
-        if path is not None:
-            run.callbacks.call("on_checkpoint", run, s.step, path)
 
     def save_badstep(self, report: Dict[str, Any]) -> Optional[Path]:
         """The state before the bad update (step = the bad step), with the report and the batch's sample indices."""
