@@ -187,6 +187,9 @@ class Checkpointer:
         s, ck = run.state, run.cfg.checkpoint
         if self.last_step == s.step:
             return
+        if ck.format == "sharded":  # every rank writes its own shard (trainrun.checkpoint_sharded): no full gather
+            self._save_sharded()
+            return
         self._finish_write()  # at most one write in flight; parent_sha256 below names a complete checkpoint
         t0 = time.perf_counter()
         state, meta = state_dict(run), self.meta()
@@ -239,6 +242,21 @@ class Checkpointer:
                 raise
             logging.getLogger("trainrun").warning("the checkpoint being written when the run failed was not "
                                                   "completed (%s); latest names the previous one", e)
+
+    def _save_sharded(self) -> None:
+        from trainrun import checkpoint_sharded
+
+        run = self.run
+        s, ck = run.state, run.cfg.checkpoint
+        metric = s.last_eval.get(ck.monitor) if s.last_eval_step == s.step else None
+        path, sha = checkpoint_sharded.save(run, s.step, self.meta(), metric=metric, keep_last=ck.keep_last,
+                                            mode=ck.monitor_mode, keep_best=ck.keep_best,
+                                            keep_every_n_steps=ck.keep_every_n_steps)
+        self.last_sha, self.last_step = sha, s.step
+        if path is not None and self.on_saved is not None:
+            self.on_saved(s.step, sha)
+        if path is not None:
+            run.callbacks.call("on_checkpoint", run, s.step, path)
 
     def save_badstep(self, report: Dict[str, Any]) -> Optional[Path]:
         """The state before the bad update (step = the bad step), with the report and the batch's sample indices."""
