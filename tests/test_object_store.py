@@ -390,3 +390,30 @@ def test_store_problems_are_one_line_before_compute(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(ConfigError, match=r"cannot reach the store at AWS_ENDPOINT_URL=http://127.0.0.1:9"):
         storage.check_remote("s3://bkt/runs")
+
+
+def test_the_cli_refuses_in_one_line_before_hydra(s3, tmp_path, monkeypatch, capsys):
+    """The preflight (in-process, as `trainrun` runs it before Hydra): one `trainrun: error:` line, exit 2, nothing
+    written in the working directory."""
+    from trainrun.cli import preflight, setup
+
+    env, fs, _ = s3
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    setup()
+    fs.pipe_file(f"bkt/taken/r/checkpoints/step_000000002/{storage.RECORD}", b"")
+
+    def refusal(*overrides, sweep=False) -> str:
+        with pytest.raises(SystemExit) as e:
+            preflight(list(overrides), sweep=sweep)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("trainrun: error: ") and "\n" not in err, err
+        return err
+
+    assert "output_root=foo://b/x: fsspec has no implementation" in refusal("output_root=foo://b/x")
+    assert "the bucket 'nobucket' does not exist" in refusal("output_root=s3://nobucket/x")
+    assert "already has checkpoints in the store" in refusal("output_root=s3://bkt/taken", "run_name=r")
+    assert "resume=s3://bkt/nothing/here: no complete checkpoint" in refusal("resume=s3://bkt/nothing/here")
+    assert "a -m sweep writes its jobs under multirun/" in refusal("output_root=s3://bkt/x", sweep=True)
+    assert list(tmp_path.iterdir()) == []
