@@ -124,7 +124,18 @@ def _sweep_dir(sweep_name: Optional[str]) -> str:
     return str(Path("multirun") / (sweep_name or _now()))
 
 
+def _accumulation_for(global_batch, batch_size) -> int:
+    """trainer.accumulation_steps that makes processes x data.batch_size x accumulation the recipe's global batch
+    (recipes/resnet50_bf16.yaml); rounded, the LR then follows the batch in use (optimizer.scale_lr_with_batch)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    return max(1, round(int(global_batch) / (world * int(batch_size))))
+
+
 def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("trainrun_accumulation"):
+        OmegaConf.register_new_resolver("trainrun_accumulation", _accumulation_for)
     if not OmegaConf.has_resolver("trainrun_run_dir"):
         OmegaConf.register_new_resolver("trainrun_run_dir", _run_dir)
     if not OmegaConf.has_resolver("trainrun_sweep_dir"):  # cached: every job of a sweep shares one directory
