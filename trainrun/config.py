@@ -246,6 +246,9 @@ class LrFindConfig:
 @dataclass
 class DoctorConfig:
     nan_guard: str = "halt"  # halt | skip | off: non-finite inputs/loss/grad norm or labels out of range, every step
+    # step: the guard reads each step's verdict before its update (a host sync per step); deferred: one step later,
+    # the update undone if it was bad (no stall of a GPU's run-ahead); auto: deferred on CUDA where it applies
+    guard_sync: str = "auto"  # auto | step | deferred (see docs/performance.md)
     max_consecutive_skips: int = 10  # nan_guard=skip: halt after this many bad steps in a row
     badstep_checkpoints: int = 3  # at most this many .badstep checkpoints per run
     min_loss_scale: float = 1.0  # fp16: a GradScaler scale below this is reported as a scale collapse

@@ -5,6 +5,12 @@ The loop calls four hooks per optimizer step: `begin_step` (after zero_grad), `w
 A healthy step costs one host sync (a 5-number tensor) and a finiteness pass over the inputs; the expensive work
 (re-running a bad step with hooks to find the first non-finite layer, per-layer statistics) happens only on a bad
 step or on a statistics step. Every finding is an observation of the run, never a reading of the fault preset.
+
+doctor.guard_sync=deferred keeps that sync off the step's critical path: `end_step` leaves the verdict on the
+device and lets the update happen (the weights and optimizer state copied first, one fused copy), and `resolve`
+reads it one step later, after the next step's forward/backward is queued, or at the loop's next sync point (log,
+eval, checkpoint, stop). A bad step is then undone (weights, optimizer state, BatchNorm statistics back to their
+values before it) and diagnosed and dumped as the step path would: same step, layer, batch indices, trainer state.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from trainrun.errors import TrainrunError
+from trainrun.errors import ConfigError, TrainrunError
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14  # below this fp16 is subnormal (precision lost), below 2**-24 it flushes to zero
@@ -156,13 +162,22 @@ class Doctor:
         self.probe_every = cfg.stats_every
         self._inject = None
         self._first_param = next((p for p in self.net.parameters() if p.requires_grad), None)
+        self.deferred = self.armed = False  # set by `arm` (the loop knows the optimizer, the EMA, the position)
+        self.pending: Optional[Dict] = None  # the step whose verdict is still on the device
+        self._lr_at_step: Optional[float] = None  # a deferred bad step's LR, for its report
+        self._snap: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = []
+        self._had_state: Dict = {}
+        self._optimizer = self._rewind = None
+        self._snap_count = -1
         # A bad step's forward has already moved BatchNorm's running statistics (NaN in, NaN out): the buffers
         # are copied at every step start (one fused copy) and put back on a bad step, so a skipped step leaves no
         # trace and the .badstep checkpoint holds the true state before the step.
         self._buffers = [b for b in self.net.buffers()] if self.guard else []
         self._buffer_copy = [b.detach().clone() for b in self._buffers]
+        self._buffer_prev: List[torch.Tensor] = []  # deferred: the statistics before the pending step
         # in-memory datasets had their labels validated at load: no per-step label check for them
         self._labels_validated = probe_data is not None and hasattr(probe_data[0], "x")
+        self._check_host_labels = self.guard and not self._labels_validated and num_classes is not None
         if cfg.inject_nan_step:
             modules = dict(self.net.named_modules())
             if cfg.inject_nan_layer not in modules:
@@ -177,6 +192,10 @@ class Doctor:
         self._step = step
         self._batches = []
         if self._buffers:
+            if self.pending is not None:  # keep the statistics from before the pending step
+                if not self._buffer_prev:
+                    self._buffer_prev = [b.clone() for b in self._buffer_copy]
+                self._buffer_copy, self._buffer_prev = self._buffer_prev, self._buffer_copy
             torch._foreach_copy_(self._buffer_copy, self._buffers)
         # zero_grad(set_to_none=True) clears every .grad at once, so the first trainable parameter tells
         if step > 1 and self._first_param is not None and self._first_param.grad is not None:
@@ -198,10 +217,11 @@ class Doctor:
         """Labels still on the host are checked before anything uses them: cross-entropy on an out-of-range label
         raises (CPU) or kills the process with a device assert (CUDA). Labels already on the GPU are those of
         in-memory datasets, validated when they were loaded."""
-        if not self.guard or self._labels_validated or self.num_classes is None or y.is_floating_point() or y.device.type != "cpu" or not len(y):
+        if not self._check_host_labels or y.is_floating_point() or y.device.type != "cpu" or not len(y):
             return
         lo, hi = torch.aminmax(y)
         if int(lo) < 0 or int(hi) >= self.num_classes:
+            self.resolve()  # a pending step's verdict comes first
             self._batches.append((y.new_zeros(()), y, idx))
             self._bad_step(f"labels outside [0, {self.num_classes})", float("nan"), float("nan"), float("nan"))
 
@@ -212,9 +232,11 @@ class Doctor:
         if self.batch_size is None:
             self.batch_size = len(y)
 
-    def end_step(self, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> bool:
+    def end_step(self, loss: torch.Tensor, norm: Optional[torch.Tensor], position: Optional[Tuple] = None) -> bool:
         """Gradients are unscaled (and clipped), the optimizer has not stepped. Returns whether to apply the update;
-        raises TrainingHalted under nan_guard=halt. The one host sync of a healthy step happens here."""
+        raises TrainingHalted under nan_guard=halt. The one host sync of a healthy step happens here (deferred:
+        in `resolve`, one step later). `position`: the trainer's (step, epoch, batch_in_epoch, samples) now, where
+        a deferred bad step's .badstep dump is taken from."""
         if self._stats_row is None and self.is_probe_step(self._step):
             self._collect_grad_stats(norm)
         if not self.guard:
@@ -223,24 +245,29 @@ class Doctor:
         if norm is not None and hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         scale = self.precision.scale_tensor()
-        parts = [loss.detach().float().reshape(1)]
+        parts = [loss.detach().float()]
         if norm is not None:
-            parts.append(norm.float().reshape(1))
+            parts.append(norm.float())
         if scale is not None:
-            parts.append(scale.float().reshape(1))
-        vals = torch.cat(parts)
+            parts.append(scale.float().reshape(()))
+        vals = torch.stack(parts)
         if self.world > 1 and self.reduce_sum is not None:  # every rank must take the same decision
             bad = self.reduce_sum((~torch.isfinite(vals[:1])).float())
             vals = torch.cat([torch.where(bad > 0, torch.full_like(bad, float("nan")), vals[:1]), vals[1:]])
-        got = vals.tolist()
+        if self.deferred and self._stats_row is None:
+            self._defer(vals, norm is not None, position)
+            return True
+        return self._judge(vals.tolist(), norm is not None, scale is not None)
+
+    def _judge(self, got: List[float], has_norm: bool, scaler_on: bool) -> bool:
+        """The verdict on the step's loss, gradient norm and loss scale (host numbers)."""
         loss_v = got[0]
-        norm_v = got[1] if norm is not None else float("nan")
-        scale_v = got[-1] if scale is not None else float("nan")
-        scaler_on = scale is not None
+        norm_v = got[1] if has_norm else float("nan")
+        scale_v = got[-1] if scaler_on else float("nan")
         problem = None
         if not math.isfinite(loss_v):
             problem = f"non-finite loss ({loss_v})"
-        elif norm is not None and not math.isfinite(norm_v):
+        elif has_norm and not math.isfinite(norm_v):
             if scaler_on:  # fp16 overflow: GradScaler skips this step and halves the scale; that is its job
                 self.overflow_skips += 1
             else:
@@ -256,6 +283,73 @@ class Doctor:
                 self._check_initial_loss(loss_v)
         self.history.append((self._step, loss_v, norm_v))
         return True
+
+    # -- the deferred verdict (doctor.guard_sync) -----------------------------------------------------------------
+    def arm(self, optimizer: torch.optim.Optimizer, rewind: Callable, ema: bool) -> None:
+        """Called once by the loop. `rewind(position)`: a context manager that puts the trainer's position back to
+        what `begin_step` was given, for the .badstep dump of a step found bad one step late."""
+        self._optimizer, self._rewind, self.armed = optimizer, rewind, True
+        self.deferred = self.guard and guard_sync_mode(self.cfg, self.precision, ema) == "deferred"
+
+    def _defer(self, vals: torch.Tensor, has_norm: bool, position: Optional[Tuple]) -> None:
+        """Keep the verdict on the device; copy the weights and optimizer state the update is about to change."""
+        if len(self._optimizer.state) != self._snap_count:
+            self._snapshot_pairs()
+        for live, copy in self._snap:
+            torch._foreach_copy_(copy, live)
+        self.pending = {"step": self._step, "vals": vals, "has_norm": has_norm, "batches": self._batches,
+                        "position": position, "buffers": self._buffer_copy, "lr": self.lr(),
+                        "lrs": [g["lr"] for g in self._optimizer.param_groups]}
+
+    def _snapshot_pairs(self) -> None:
+        """The tensors an update changes, grouped by (device, dtype) for fused copies: the parameters and the
+        optimizer state (updated in place by every torch.optim optimizer). Rebuilt when the state gains entries."""
+        opt = self._optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        self._had_state = {p: list(opt.state[p]) for p in params if p in opt.state}
+        tensors = params + [v for p in self._had_state for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+        groups: Dict[Tuple, List[torch.Tensor]] = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        self._snap = [(ts, [t.detach().clone() for t in ts]) for ts in groups.values()]
+        self._snap_count = len(opt.state)
+
+    def resolve(self) -> bool:
+        """Read the pending step's verdict (the deferred guard's one host sync). A bad step is undone (weights,
+        optimizer state and BatchNorm statistics as before it), then diagnosed and dumped at the trainer position
+        before it, exactly as the step path would have. Returns whether a step was pending."""
+        pend, self.pending = self.pending, None
+        if pend is None:
+            return False
+        now = (self._step, self._batches, self._buffer_copy)
+        self._step, self._batches = pend["step"], pend["batches"]
+        try:
+            got = pend["vals"].tolist()
+            if math.isfinite(got[0]) and (not pend["has_norm"] or math.isfinite(got[1])):
+                return self._judge(got, pend["has_norm"], False)
+            self._undo_update()
+            for g, lr in zip(self._optimizer.param_groups, pend["lrs"]):  # the schedule has moved on since
+                g["lr"] = lr
+            self._buffer_copy = pend["buffers"]
+            if self._inject is not None and pend["step"] == self.cfg.inject_nan_step:  # the re-run must see it too
+                self._hooks.append(self._inject.register_forward_hook(lambda m, i, o: o * float("nan")))
+            with self._rewind(pend["position"]):
+                self._lr_at_step = pend["lr"]
+                return self._judge(got, pend["has_norm"], False)
+        finally:
+            self._lr_at_step = None
+            self._step, self._batches, self._buffer_copy = now
+
+    def _undo_update(self) -> None:
+        """Put back the weights and optimizer state copied before the pending update; state the update created
+        (a parameter's first step) is removed, as if the optimizer had never stepped."""
+        opt = self._optimizer
+        with torch.no_grad():
+            for live, copy in self._snap:
+                torch._foreach_copy_(live, copy)
+        for p in [p for p in opt.state if p not in self._had_state]:
+            del opt.state[p]
+        self._snap_count = -1
 
     def after_update(self) -> None:
         """After the optimizer step: update-to-weight ratios and the statistics row of a probe step."""
@@ -302,7 +396,8 @@ class Doctor:
         if problem.startswith("non-finite") and any(x.is_floating_point() and not bool(torch.isfinite(x).all())
                                                     for x, _, _ in self._batches):
             problem = "non-finite values in the input batch"
-        report = {"step": step, "problem": problem, "loss": loss_v, "grad_norm": norm_v, "lr": self.lr(),
+        lr = self._lr_at_step if self._lr_at_step is not None else self.lr()
+        report = {"step": step, "problem": problem, "loss": loss_v, "grad_norm": norm_v, "lr": lr,
                   "precision": self.precision.name,
                   "batch_indices": [idx.tolist() for _, _, idx in self._batches]}
         if problem.startswith("non-finite values in the input"):
@@ -711,12 +806,31 @@ class SummedLoss(nn.Module):
         return self.loss_fn(logits, target) * logits.shape[0]
 
 
+def guard_sync_mode(cfg, precision, ema: bool) -> str:
+    """doctor.guard_sync resolved: auto is deferred on CUDA (where a per-step host sync stalls the queue of GPU
+    work) and step on CPU (no run-ahead to keep; the checkpoints stay byte for byte those of earlier versions).
+    Deferred undoes a bad step after the fact, so it needs nan_guard=halt (a skipped step's successor already ran
+    on the bad weights), no fp16 GradScaler (its step syncs anyway) and no EMA (its schedule counts applied steps
+    on the host)."""
+    mode = cfg.get("guard_sync", "auto")
+    blocker = ("doctor.nan_guard=skip" if cfg.nan_guard == "skip" else
+               "precision=fp16 with its GradScaler" if precision.scaler.is_enabled() else
+               "regularization.ema_decay>0 (EMA)" if ema else None)
+    if mode == "deferred" and blocker is not None:
+        raise ConfigError(f"doctor.guard_sync=deferred does not work with {blocker}: the verdict must come before "
+                          "the update there; use doctor.guard_sync=step (or auto)")
+    if mode == "auto":
+        return "deferred" if precision.device.type == "cuda" and blocker is None else "step"
+    return mode
+
+
 def check(cfg) -> None:
     """Range checks of the doctor section (the rules that span sections are in config.validate)."""
     from trainrun.checks import SectionChecks
 
     checks = SectionChecks(cfg, "doctor")
     checks.one_of("nan_guard", ("halt", "skip", "off"))
+    checks.one_of("guard_sync", ("auto", "step", "deferred"))
     checks.one_of("fault", ("none", "permuted_labels", "no_zero_grad", "reduction_sum"))
     checks.positive("max_consecutive_skips", "overfit_steps", "overfit_loss", "min_loss_scale")
     checks.positive("stats_every", "badstep_checkpoints", "inject_nan_step", allow_zero=True)

@@ -7,6 +7,8 @@ fp16) -> unscale -> clip -> optimizer step via the scaler -> scaler update -> sc
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,9 +69,11 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     params: List[torch.Tensor] = field(default_factory=list)  # trainable parameters, listed once
     before_step: Optional[Callable[[int], None]] = None  # called with the steps done before each step (unfreezing)
+    grad_sync: Optional[Callable[[bool], None]] = None  # DDP/FSDP2's gradient all-reduce switch, found once
 
     def __post_init__(self):
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.grad_sync = _grad_sync_switch(self.model)
         if self.task is None:
             from trainrun.tasks.classification import Classification
 
@@ -88,16 +92,20 @@ def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torc
 
 def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torch.Tensor]:
     """One optimizer step over `accumulation` micro-batches. Returns device tensors; the only host sync is the
-    doctor's guard (one small tensor per step)."""
-    doc = t.doctor
+    doctor's guard (one small tensor per step; with doctor.guard_sync=deferred the previous step's, read here after
+    this step's forward/backward is queued)."""
+    doc, state = t.doctor, t.state
     if t.zero_grad:
         t.optimizer.zero_grad(set_to_none=True)
     if doc is not None:
-        doc.begin_step(t.state.step + 1)
+        if not doc.armed:
+            doc.arm(t.optimizer, functools.partial(_rewound, state), t.ema is not None)
+        doc.begin_step(state.step + 1)
     loss_sum = sums = None
     n = 0
     for i in range(t.accumulation):
-        _grad_sync(t.model, i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
+        if t.grad_sync is not None:
+            t.grad_sync(i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
         x, y, idx = next(batches)
         if doc is not None:
             doc.check_labels(y, idx)
@@ -118,10 +126,13 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         sums = batch_sums if sums is None else {k: sums[k] + v for k, v in batch_sums.items()}
         n += len(y)
+    if doc is not None and doc.pending is not None:
+        doc.resolve()
     norm = t.precision.unscale_and_clip(t.optimizer, t.params, clip_norm=t.clip_norm,
                                         clip_value=t.clip_value, want_norm=want_norm or doc is not None)
     mean_loss = loss_sum / t.accumulation if t.accumulation > 1 else loss_sum
-    apply = doc.end_step(mean_loss, norm) if doc is not None else True
+    apply = doc.end_step(mean_loss, norm, (state.step, state.epoch, state.batch_in_epoch, state.samples)) \
+        if doc is not None else True
     if not apply:  # the guard skipped this step (nan_guard=skip): no update, the batch is consumed
         t.optimizer.zero_grad(set_to_none=True)
     t.precision.update(t.optimizer, apply)
@@ -144,11 +155,25 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x.to(device, non_blocking=True)
 
 
-def _grad_sync(model: nn.Module, on: bool) -> None:
+def _grad_sync_switch(model: nn.Module) -> Optional[Callable[[bool], None]]:
+    """How to turn the gradient all-reduce on and off for the coming backward; None for a plain module. Found once:
+    hasattr on a module that lacks the attribute raises and catches an AttributeError, twice per micro-batch."""
     if hasattr(model, "require_backward_grad_sync"):  # DDP
-        model.require_backward_grad_sync = on
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(on)
+        return functools.partial(setattr, model, "require_backward_grad_sync")
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return model.set_requires_gradient_sync
+    return None
+
+
+@contextlib.contextmanager
+def _rewound(state: TrainState, position: Tuple[int, int, int, int]):
+    """The trainer's position as it was before a step (a deferred guard's bad step is dumped from there)."""
+    now = (state.step, state.epoch, state.batch_in_epoch, state.samples)
+    state.step, state.epoch, state.batch_in_epoch, state.samples = position
+    try:
+        yield
+    finally:
+        state.step, state.epoch, state.batch_in_epoch, state.samples = now
 
 
 EVAL_METRICS = ("val/loss", "val/acc")  # what classification's `evaluate` returns without task.metrics
@@ -227,8 +252,10 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         norm = out.get("grad_norm", norm)
         step = t.state.step
         if on_step is not None:
+            _settle(t)
             on_step(step, out)
         if is_log_step:
+            _settle(t)
             if t.world > 1:  # sums over ranks: the same numbers one process with the global batch logs
                 seen = _reduce_window(t, loss_acc, sums, seen)
             loss = float(loss_acc) / max(1, steps_in_window)  # the one host sync per log interval
@@ -253,6 +280,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             advance(step)
         evaluated = step % eval_every == 0 or step == t.total_steps
         if evaluated:
+            _settle(t)
             metrics = evaluate_all(t)
             t.state.last_eval = metrics
             on_eval(metrics)
@@ -263,10 +291,17 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         # one process checks its flag every step.
         stop = (t.world == 1 or is_log_step or evaluated) and should_stop()
         if step % ckpt_every == 0 or step == stop_at or stop:
+            _settle(t)
             save()
             window_start = time.perf_counter()
             if stop:
                 return
+
+
+def _settle(t: Trainer) -> None:
+    """A deferred guard verdict is read before anything that syncs or persists: log, eval, callbacks, checkpoint."""
+    if t.doctor is not None and t.doctor.pending is not None:
+        t.doctor.resolve()
 
 
 def _reduce_window(t: Trainer, loss_acc: torch.Tensor, sums: Dict[str, torch.Tensor], seen: int) -> int:
@@ -295,6 +330,7 @@ def overfit_one_batch(t: Trainer, steps: int, target: float) -> Tuple[List[float
     try:
         for _ in range(steps):
             out = train_step(t, batches, want_norm=True)
+            _settle(t)
             loss, norm = torch.stack([out["loss"].float(), out["grad_norm"].float()]).tolist()
             losses.append(loss)
             norms.append(norm)
