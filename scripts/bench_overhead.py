@@ -23,6 +23,12 @@ recorded: the three runners train the same trajectory, so it must agree (a check
 
     python scripts/bench_overhead.py              # full run (~4-5 min on a 2-core CPU)
     python scripts/bench_overhead.py --quick      # smoke run (<30 s), JSON to the temp dir
+    python scripts/bench_overhead.py --count      # per-step ATen ops and Python calls (~1 min): load-independent
+
+--count measures what a step does instead of how long it takes: the ATen operators dispatched (a TorchDispatchMode
+counts them) and the Python calls and C calls made (sys.setprofile), per optimizer step, for the hand loop and for
+trainrun's `fit` on the same model, optimizer and data (built by trainrun.build; no logger, eval or checkpoint in
+the window). Timings on a shared machine move by 10-30% with the load; these counts do not move at all.
 """
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ VARIANTS: Dict[str, Any] = {
     "trainrun_noguard_nolog": ("trainrun", ["doctor.nan_guard=off", "logger.progress=off",
                                             "logger.log_every=100000000"], {}),
     "lightning_nobar": ("lightning", {"enable_progress_bar": False}, {}),
+    # the NaN guard's verdict read one step late (the CUDA default; on CPU it adds the pre-update copy)
+    "trainrun_deferred": ("trainrun", ["doctor.guard_sync=deferred"], {}),
 }
 ABLATE = ("trainrun", "trainrun_bar", "trainrun_noguard", "trainrun_noguard_quiet", "trainrun_noguard_nolog", "hand",
           "lightning", "lightning_nobar")
@@ -287,6 +295,98 @@ def env(extra: Dict[str, str]):
                 os.environ[k] = v
 
 
+class _OpCounter:
+    """Counts the ATen operators dispatched while active (a TorchDispatchMode)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.mode = 0, Mode()
+
+
+def count_per_step(fn, steps: int) -> Dict[str, float]:
+    """ATen ops and Python-level calls (Python functions + C functions called from Python) per step of fn(steps)."""
+    counter = _OpCounter()
+    with counter.mode:
+        fn(steps)
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event in ("call", "c_call"):
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn(steps)
+    finally:
+        sys.setprofile(None)
+    return {"aten_ops": counter.ops / steps, "python_calls": calls[0] / steps}
+
+
+def count_loops(cfg, steps: int) -> Dict[str, Dict[str, float]]:
+    """The per-step counts of the hand loop and of trainrun's fit (guard step / deferred / off) on one model."""
+    from trainrun import loop
+    from trainrun.build import build
+
+    with tempfile.TemporaryDirectory(prefix="bench-count-") as d, silenced():
+        run = build(cfg, Path(d))
+    t, doctor = run.trainer, run.trainer.doctor
+    x_all, y_all, batch = t.train.ds.x, t.train.ds.y, cfg.data.batch_size
+    order = epoch_batches(len(y_all), batch, cfg.seed, 0)
+    autocast = t.precision.autocast
+
+    def hand(n):
+        for i in range(n):
+            idx = order[i % len(order)]
+            x, y = x_all[idx], y_all[idx]
+            t.optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                logits = t.model(x)
+            F.cross_entropy(logits.float(), y).backward()
+            t.optimizer.step()
+
+    def trainrun_fit(sync: Optional[str]):
+        def fn(n):
+            t.doctor = doctor if sync else None
+            if doctor is not None and sync:
+                doctor.deferred = sync == "deferred"
+            t.state.step = 0
+            loop.fit(t, log_every=cfg.logger.log_every, eval_every=10 ** 9, ckpt_every=10 ** 9, stop_at=n,
+                     log=lambda s, m: None, on_eval=lambda m: None, save=lambda: None, advance=lambda s: None,
+                     should_stop=lambda: False)
+        return fn
+
+    variants = {"hand": hand, "trainrun (guard, step)": trainrun_fit("step"),
+                "trainrun (guard, deferred)": trainrun_fit("deferred"), "trainrun (no guard)": trainrun_fit(None)}
+    out = {}
+    for name, fn in variants.items():
+        fn(5)  # optimizer state, lazily built lists
+        out[name] = count_per_step(fn, steps)
+    return out
+
+
+def run_count(configs: List[str], precisions: List[str], quick: bool, record: Dict[str, Any]) -> None:
+    rows = []
+    for cname in configs:
+        spec = CONFIGS[cname]
+        for prec in precisions:
+            cfg = compose(trainrun_overrides(spec, prec, spec["batch"], 10 ** 6))
+            counts = count_loops(cfg, 5 if quick else min(50, spec["steps"]))
+            record["results"].append({"config": cname, "precision": prec, "per_step": counts})
+            hand = counts["hand"]
+            for name, c in counts.items():
+                rows.append([cname, prec, name, f"{c['aten_ops']:.1f}", f"{c['aten_ops'] - hand['aten_ops']:+.1f}",
+                             f"{c['python_calls']:.0f}", f"{c['python_calls'] - hand['python_calls']:+.0f}"])
+    print(bu.table(["config", "precision", "loop", "ATen ops/step", "vs hand", "Python calls/step", "vs hand"], rows))
+
+
 def run_variant(name: str, base_overrides: List[str], split, warmup: int, steps: int, cfgs: Dict) -> Dict[str, Any]:
     kind, extra, environ = VARIANTS[name]
     with env(environ):
@@ -305,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, few steps, small batches")
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 5; --quick 1)")
     ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
-                    help="default: all (with --ablate: mlp_digits)")
+                    help="default: all (with --ablate or --count: mlp_digits)")
     ap.add_argument("--precisions", nargs="+", default=None, choices=list(PRECISIONS),
                     help="default: fp32 bf16 (with --ablate: fp32)")
     ap.add_argument("--runners", nargs="+", default=None, choices=list(VARIANTS),
@@ -318,10 +418,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     help="torch intra-op threads for every runner (default 1: on a shared 2-core machine two OpenMP "
                          "threads stall whenever another process holds a core)")
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every config's measured steps")
+    ap.add_argument("--count", action="store_true",
+                    help="count ATen ops and Python calls per step (hand loop vs trainrun) instead of timing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
-    configs = args.configs or (["mlp_digits"] if args.ablate else list(CONFIGS))
+    configs = args.configs or (["mlp_digits"] if args.ablate or args.count else list(CONFIGS))
     precisions = args.precisions or (["fp32"] if args.ablate else list(PRECISIONS))
     runners = list(args.runners or (ABLATE if args.ablate else RUNNERS))
     warnings.filterwarnings("ignore")
@@ -348,6 +450,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    "variants": {r: {"runner": VARIANTS[r][0], "extra": VARIANTS[r][1], "env": VARIANTS[r][2]}
                                 for r in runners}, "results": []})
     t_start = time.perf_counter()
+    if args.count:
+        run_count(configs, precisions, args.quick, record)
+        out = bu.write_json(args.out or bu.default_out(name + ".count", args.quick), record)
+        print(f"raw numbers: {out}")
+        return record
     rows = []
     for cname in configs:
         spec = CONFIGS[cname]

@@ -40,6 +40,20 @@ def test_overhead_runs_the_same_trajectory(bench, tmp_path, capsys):
     assert "| trainrun/hand |" in capsys.readouterr().out.replace(" steps/s", "")
 
 
+def test_overhead_counts_ops_and_calls_per_step(bench, tmp_path):
+    """--count: per-step ATen ops and Python calls, deterministic where timings are not."""
+    out = tmp_path / "n.json"
+    rec = bench("bench_overhead").main(["--count", "--quick", "--configs", "mlp_digits", "--precisions", "fp32",
+                                        "--out", str(out)])
+    counts = rec["results"][0]["per_step"]
+    assert json.loads(out.read_text())["results"][0]["per_step"] == counts
+    hand, guard, off = counts["hand"], counts["trainrun (guard, step)"], counts["trainrun (no guard)"]
+    assert hand["aten_ops"] > 50 and hand["python_calls"] > 100
+    # the guard's global grad norm (a fused per-tensor norm, their stack, the vector norm) and the verdict's stack
+    assert guard["aten_ops"] - off["aten_ops"] >= 3 and guard["python_calls"] > off["python_calls"]
+    assert counts["trainrun (guard, deferred)"]["aten_ops"] >= guard["aten_ops"]  # + the pre-update copy
+
+
 def test_checkpoint_bench_structure(bench, tmp_path):
     out = tmp_path / "c.json"
     rec = bench("bench_checkpoint").main(["--quick", "--arch", "mobilenet_v3_small", "--reps", "1",
