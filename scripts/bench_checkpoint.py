@@ -172,7 +172,8 @@ def _stall_run(model, opt, batch, steps: int, every: int, how: str, d: Path) -> 
     return {"wall": time.perf_counter() - t0, "blocked": blocked}
 
 
-def measure_stall(arch: str, steps: int, every: int, batch: int, size: int, reps: int, base: Path) -> Dict[str, Any]:
+def measure_stall(arch: str, steps: int, every: int, batch: int, size: int, reps: int, base: Path,
+                  warmup: bool = True) -> Dict[str, Any]:
     import torchvision
 
     torch.manual_seed(0)
@@ -182,7 +183,7 @@ def measure_stall(arch: str, steps: int, every: int, batch: int, size: int, reps
     data = (torch.randn(batch, 3, size, size, device=device), torch.randint(0, 1000, (batch,), device=device))
     n_ckpt = len([s for s in range(1, steps + 1) if s % every == every // 2])
     runs: Dict[str, List[Dict[str, float]]] = {"none": [], "sync": [], "async": []}
-    for rep in range(-1, reps):  # one untimed round first (allocator, optimizer state, page cache)
+    for rep in range(-1 if warmup else 0, reps):  # one untimed round first (allocator, optimizer state, page cache)
         for how in runs:
             d = Path(tempfile.mkdtemp(prefix="bench-stall-", dir=base))
             try:
@@ -232,7 +233,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--stall-only", action="store_true", help="only the sync-vs-async training stall")
     ap.add_argument("--no-stall", action="store_true", help="skip the sync-vs-async training stall")
-    ap.add_argument("--stall-steps", type=int, default=None, help="steps per run (default 24; --quick 4)")
+    ap.add_argument("--stall-steps", type=int, default=None, help="steps per run (default 24; --quick 2)")
     ap.add_argument("--stall-every", type=int, default=None, help="steps between checkpoints (default 8; --quick 2)")
     ap.add_argument("--stall-batch", type=int, default=None, help="batch size (default 16; --quick 2)")
     ap.add_argument("--stall-size", type=int, default=None, help="image size (default 64; --quick 32)")
@@ -242,6 +243,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     base = Path(args.dir) if args.dir else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     if args.stall_only:
+        if args.quick:
+            torch.set_num_threads(1)
         record = bu.header("bench_checkpoint", argv, args.quick)
         record["stall"] = _stall(args, arch, reps, base)
         out = bu.write_json(args.out or bu.default_out("bench_checkpoint", args.quick), record)
@@ -292,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(f"\ntrainrun / torch.save: {bu.med_range(res['ratio_trainrun_over_torch.save'])}; "
           f"trainrun / (torch.save+fsync): {bu.med_range(res['ratio_trainrun_over_torch.save+fsync'])} (target <= 1.2)")
     if not args.no_stall:
-        torch.set_num_threads(threads)  # training uses the machine's threads, as a run does
+        torch.set_num_threads(1 if args.quick else threads)  # training uses the machine's threads, as a run does
         record["stall"] = _stall(args, arch, reps, base)
     out = bu.write_json(args.out or bu.default_out("bench_checkpoint", args.quick), record)
     print(f"raw numbers: {out}")
@@ -301,8 +304,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 def _stall(args, arch: str, reps: int, base: Path) -> Dict[str, Any]:
     q = args.quick
-    st = measure_stall(arch, args.stall_steps or (4 if q else 24), args.stall_every or (2 if q else 8),
-                       args.stall_batch or (2 if q else 16), args.stall_size or (32 if q else 64), reps, base)
+    st = measure_stall(arch, args.stall_steps or (2 if q else 24), args.stall_every or (2 if q else 8),
+                       args.stall_batch or (2 if q else 16), args.stall_size or (32 if q else 64), reps, base,
+                       warmup=not q)  # --quick: structure, not numbers
     print_stall(st)
     return st
 
