@@ -72,7 +72,7 @@ OFFLINE_DATA_REFUSAL = {
     "imagefolder": r"data=imagefolder: directory {root} not found; set data\.root to a folder of class sub-folders",
 }
 RECIPE_STAND_IN_DATA = ("data=imagefolder", "data.root={images}", "data.image_size=32", "data.num_workers=0",
-                        "data.batch_size=8")
+                        "data.batch_size=8", "trainer.accumulation_steps=1")  # not the recipes' 1024 / batch
 TEACHER_RECIPES = {"mnist5k_student_kd": "mnist5k_teacher_cnn"}
 # fine-tuning recipes start from the weights of another recipe's run (model.weights=${output_root}/RUN_NAME)
 WEIGHTS_RECIPES = {f"digits100_{row}": "mnist5k_teacher_cnn" for row in ("full", "linear_probe", "lora", "layer_decay")}
