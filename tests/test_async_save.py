@@ -172,3 +172,27 @@ def test_save_steps_and_the_space_line(tmp_path, monkeypatch):
     assert too_big is False and "at most 2 at once = ~90.1 MiB" in line and "disk free: 100 MiB" in line
     line, too_big = ck.space_plan(tmp_path, 45 * mib, steps, keep_last=2, keep_best=False, keep_every_n_steps=0)
     assert too_big is True and "at most 3 at once = ~135 MiB" in line
+
+
+def test_the_end_of_a_run_waits_for_the_write_and_an_error_exit_only_warns(caplog):
+    """Checkpointer.close: the final checkpoint, a signal stop and an error all wait for the write in flight; after
+    an error a failed write is a warning (the error on its way out is the one reported)."""
+    from trainrun.modes.session import Checkpointer
+
+    saver = Checkpointer.__new__(Checkpointer)  # only the writer side: close() touches nothing else on failure
+    saver.writer = ck.AsyncWriter()
+    release = threading.Event()
+
+    def failing_write():
+        assert release.wait(30)
+        raise CheckpointError("could not write checkpoint runs/x/checkpoints/step_000000004 (disk full)")
+
+    saver.writer.submit(failing_write)
+    release.set()
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        saver.close()  # a run that ends normally reports the failed write
+    saver.writer.submit(failing_write)
+    with caplog.at_level("WARNING", logger="trainrun"):
+        saver.close(quiet=True)
+    assert not saver.writer.in_flight
+    assert "was not completed (could not write checkpoint" in caplog.text
