@@ -168,3 +168,34 @@ def test_a_stop_signal_is_handed_on_after_the_checkpoint():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
     assert stop.signum == signal.SIGTERM and stop.handoff is None
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from trainrun import rundir
+rundir.lock(Path(sys.argv[1]), "run directory", "")
+rundir.record_holder(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_relaunch_while_the_run_is_live_is_refused(requeued, capsys, monkeypatch):
+    """resume=auto picks the run's own directory, whose lock keeps a second live writer out (one line)."""
+    from trainrun.cli import _lock_run_dir, _pick_run_dir
+
+    monkeypatch.chdir(requeued["cwd"])
+    picked = Path(_pick_run_dir("train", "auto", "runs", JOB_ID))
+    assert picked.resolve() == requeued["run"].resolve()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(picked)], stdout=subprocess.PIPE, text=True,
+                              env=_env(), start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            _lock_run_dir(picked)
+        assert e.value.code == 2
+        assert f"is in use by another trainrun process: PID {holder.pid}" in capsys.readouterr().err
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
