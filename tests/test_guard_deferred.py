@@ -119,12 +119,13 @@ def _nested_equal(a, b, path=""):
         assert a == b or (a != a and b != b), (path, a, b)
 
 
-def test_deferred_guard_catches_step_k_with_the_step_paths_dump(tmp_path):
+def test_deferred_guard_trains_like_the_step_path_and_catches_step_k_with_its_dump(tmp_path):
     step, layer = 7, "4"
     errors, states = {}, {}
     for mode in ("step", "deferred"):
         p = run_cli(tmp_path, f"doctor.guard_sync={mode}", f"doctor.inject_nan_step={step}",
-                    f"doctor.inject_nan_layer={layer}", f"run_name={mode}", "trainer.max_steps=12", *FAST, check=False)
+                    f"doctor.inject_nan_layer={layer}", f"run_name={mode}", "trainer.max_steps=12",
+                    "trainer.ckpt_every=5", *FAST, check=False)
         assert p.returncode == 1, p.stderr
         errors[mode] = p.stderr.strip().splitlines()[-1].replace(f"/runs/{mode}/", "/runs/RUN/")
         states[mode], _ = checkpoint.load(tmp_path / f"runs/{mode}/checkpoints/step_{step:09d}.badstep")
@@ -132,10 +133,5 @@ def test_deferred_guard_catches_step_k_with_the_step_paths_dump(tmp_path):
     assert errors["deferred"] == errors["step"]
     assert states["deferred"]["trainer"]["step"] == step - 1
     _nested_equal(states["step"], states["deferred"])  # weights, optimizer, RNG, position, batch indices, report
-
-
-def test_deferred_guard_trains_bitwise_like_the_step_path(tmp_path):
-    for mode in ("step", "deferred"):
-        run_cli(tmp_path, f"doctor.guard_sync={mode}", f"run_name={mode}", "trainer.max_steps=12",
-                "trainer.ckpt_every=12", *FAST)
-    assert sha_of(tmp_path / "runs/step", 12) == sha_of(tmp_path / "runs/deferred", 12)
+    # the healthy steps before it trained bitwise alike: the step-5 checkpoints are the same bytes
+    assert sha_of(tmp_path / "runs/step", 5) == sha_of(tmp_path / "runs/deferred", 5)
