@@ -163,6 +163,15 @@ CASES = [
     ("complex labels", ["data=tensors", "data.root=cplx.pt", "model=mlp"],
      lambda d: labels_file(d, "cplx.pt", (torch.arange(64) % 3).to(torch.complex64)), False),
     ("data.augment on synthetic data", ["data=synthetic", "data.augment=true"], None, False),
+    ("augmentation policy without data.augment", ["data.policy=trivialaugment"], None, False),
+    ("unknown augmentation policy", ["data.augment=true", "data.policy=autoaug"], None, False),
+    ("repeated augmentation without augmentation", ["data.ra_reps=4"], None, False),
+    ("resume=auto without run_name", ["resume=auto"], None, False),
+    ("object store without its backend or with an unknown protocol", ["output_root=nosuch://bucket/runs"], None,
+     False),
+    ("sharded checkpoints in one process", ["checkpoint.format=sharded"], None, False),
+    ("EMA on an interval with the decay warmup", ["regularization.ema_decay=0.99", "regularization.ema_every=4",
+                                                  "regularization.ema_adjust=reference"], None, False),
 ]
 
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -32,10 +33,11 @@ def trainrun_process(args, cwd, env, timeout: int = 600, code: str = None) -> su
     imports a fresh process spends), or a fresh process with TRAINRUN_TEST_FRESH_PROCESSES=1."""
     env = {k: str(v) for k, v in env.items()}
     req = {"module": "trainrun", "args": list(args)} if code is None else {"code": code, "args": list(args)}
-    if os.environ.get("TRAINRUN_TEST_FRESH_PROCESSES") == "1" or not hasattr(os, "fork"):
+    zygote = None if os.environ.get("TRAINRUN_TEST_FRESH_PROCESSES") == "1" or not hasattr(os, "fork") \
+        else _ZYGOTES.take(env)
+    if zygote is None:
         cmd = [sys.executable, "-m", "trainrun", *args] if code is None else [sys.executable, "-c", code, *args]
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    zygote = _ZYGOTES.take(env)
     try:
         return zygote.run(req, cwd, env, timeout)
     finally:
@@ -87,7 +89,8 @@ class _Zygote:
 
 class _ZygotePool:
     """Idle zygotes by environment; one command at a time each (tests that run commands from threads get one per
-    thread). At most 6 are kept: the least recently used idle one is closed first."""
+    thread). At most 6 are kept: the least recently used idle one is closed first. An environment seen for the
+    first time (a test's own TORCH_HOME, say) gets a fresh process: a zygote pays off from the second command."""
 
     def __init__(self):
         import threading
@@ -95,10 +98,14 @@ class _ZygotePool:
         self.lock = threading.Lock()
         self.idle = []  # (env key, zygote), least recently used first
         self.busy = 0
+        self.seen = set()
 
-    def take(self, env) -> _Zygote:
+    def take(self, env) -> Optional[_Zygote]:
         key = tuple(sorted(env.items()))
         with self.lock:
+            if key not in self.seen:
+                self.seen.add(key)
+                return None
             for i, (k, z) in enumerate(self.idle):
                 if k == key and z.alive():
                     del self.idle[i]
@@ -118,6 +125,18 @@ class _ZygotePool:
 
 
 _ZYGOTES = _ZygotePool()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that runs a script's main() or a run in-process may set torch's thread count for the whole worker
+    (bench scripts, trainer.threads); later tests compare against the default, so put it back."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def read_jsonl(path: Path):

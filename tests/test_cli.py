@@ -238,8 +238,8 @@ def test_models_and_optimizers_compose_and_train(cli):
 def test_help_lists_groups_and_recipes(cli):
     p = cli("--help")
     for group in ("model:", "init:", "optimizer:", "schedule:", "precision:", "regularization:", "distillation:",
-                  "data:", "logger:", "curriculum:", "finetune:", "task:", "recipe: digits100_full",
-                  "digits_cnn, digits_mlp_fp32"):
+                  "data:", "logger:", "curriculum:", "finetune:", "task:", "cluster: slurm", "recipe: deit_tiny",
+                  "digits_cnn, digits_mlp_fp32", "resnet50_bf16, resnet50_bf16_smoke"):
         assert group in p.stdout, group
     from conftest import run_cli
     p = run_cli(cli.dir, entry="recipes")
