@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
+
+from conftest import structured
 
 from trainrun.config import DataConfig
 from trainrun.data import BatchStream, build_split
@@ -21,10 +22,7 @@ IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 def data_cfg(**kw):
-    cfg = OmegaConf.structured(DataConfig)
-    for k, v in kw.items():
-        cfg[k] = v
-    return cfg
+    return structured(DataConfig, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import sha_of
+from conftest import sha_of, structured
 from trainrun.config import DataConfig
 from trainrun.data import BatchStream, build_split
 from trainrun.data.loader import sample_seed
@@ -18,10 +17,7 @@ from trainrun.seed import data_order_generator
 
 
 def data_cfg(**kw):
-    cfg = OmegaConf.structured(DataConfig)
-    for k, v in kw.items():
-        cfg[k] = v
-    return cfg
+    return structured(DataConfig, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -143,11 +143,9 @@ def _hash_own_files(folder: Path, rank: int) -> Dict[str, str]:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    from trainrun.usercode import sha256_of
+
+    return sha256_of(path)
 
 
 def _write_rest(tmp: Path, step: int, rest: Dict[str, Any], meta: Dict[str, Any], shards: Dict[str, str],
