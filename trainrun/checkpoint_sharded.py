@@ -34,6 +34,7 @@ import torch
 from trainrun import checkpoint, distributed
 from trainrun.checkpoint import DIGEST, META, SHARDS, STATE
 from trainrun.errors import CheckpointError, ConfigError
+from trainrun.usercode import sha256_of
 
 SHARDED_PARTS = ("model", "optimizer")  # the Run parts DCP writes; every other part goes to state.pt
 _SHARD_FILE = re.compile(r"__([0-9]+)_[0-9]+\.distcp")
@@ -138,14 +139,8 @@ def _hash_own_files(folder: Path, rank: int) -> Dict[str, str]:
     for path in sorted(folder.iterdir()):
         match = _SHARD_FILE.fullmatch(path.name)
         if (match and int(match.group(1)) == rank) or (path.name == _METADATA and rank == 0):
-            mine[path.name] = _sha256_file(path)
+            mine[path.name] = sha256_of(path)
     return mine
-
-
-def _sha256_file(path: Path) -> str:
-    from trainrun.usercode import sha256_of
-
-    return sha256_of(path)
 
 
 def _write_rest(tmp: Path, step: int, rest: Dict[str, Any], meta: Dict[str, Any], shards: Dict[str, str],
@@ -295,7 +290,7 @@ def verify_files(ckpt_dir: Path, manifest: Dict[str, str], part: int = 0, parts:
         raise CheckpointError(f"checkpoint {ckpt_dir} holds {extra[0]!r}, a file its {DIGEST} does not list: it was "
                               "modified; resume from another checkpoint")
     for name in listed[part::parts]:
-        actual = _sha256_file(ckpt_dir / name)
+        actual = sha256_of(ckpt_dir / name)
         if actual != manifest[name]:
             raise CheckpointError(f"checkpoint {ckpt_dir} failed its SHA256 check: {name} (recorded "
                                   f"{manifest[name][:12]}, file {actual[:12]}) is corrupt or was modified; resume "

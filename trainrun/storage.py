@@ -195,11 +195,9 @@ def fetch_if_any(url: str, key: str = "resume") -> Optional[Path]:
 # --- helpers on files ----------------------------------------------------------------------------------------------
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+    from trainrun.usercode import sha256_of  # the project's one file hash
+
+    return sha256_of(path)
 
 
 def _sha256_remote(fs, key: str) -> str:
