@@ -42,6 +42,12 @@ class ModelConfig:
     pretrained: bool = False  # zoo models: the zoo's pretrained weights, from its local cache (never downloaded)
     weights: Optional[str] = None  # start from these weights: a trainrun run/checkpoint dir, a .pt state_dict or .safetensors
     weights_strict: bool = False  # refuse any mismatch but the replaced head's (missing, unexpected, other shapes)
+    # gpt (decoder-only transformer; width/layers/heads/mlp_ratio above; context = data.block_size)
+    norm: str = "layernorm"  # gpt: layernorm | rmsnorm
+    positions: str = "learned"  # gpt: learned | rotary
+    tie_weights: bool = True  # gpt: the output projection shares the token embedding's weight
+    bias: bool = True  # gpt: biases in the Linear and LayerNorm layers
+    hf_config: Dict[str, Any] = field(default_factory=dict)  # hf_causal_lm: transformers config keys (arch = model_type)
 
 
 @dataclass
@@ -184,6 +190,12 @@ class DataConfig:
     val_crop_size: Optional[int] = None  # image files: evaluation centre-crop size (default image_size)
     mean: Optional[List[float]] = None  # normalisation (default: the dataset's own constants)
     std: Optional[List[float]] = None
+    # text (data=text): token blocks for task=causal_lm
+    block_size: int = 128  # text: tokens per training sequence (the model's context)
+    tokenizer: str = "bytes"  # text: bytes (vocab 256) | bpe (trained locally with Hugging Face tokenizers)
+    vocab_size: int = 512  # text, tokenizer=bpe: the BPE vocabulary size
+    max_bytes: Optional[int] = None  # text: read at most this many bytes of the corpus (files in sorted order)
+    cache_dir: Optional[str] = None  # text: where tokenised corpora are cached (default ~/.cache/trainrun/text)
     ra_reps: int = 1  # repeated augmentation: each sample k times per epoch, differently augmented (DeiT / torchvision)
     # synthetic: Gaussian class clusters, for tests and benchmarks
     num_samples: int = 1024
@@ -200,6 +212,7 @@ class TaskConfig:
     pos_weight: Optional[List[float]] = None  # binary / multilabel: BCE weight of positives (one, or one per label)
     loss: str = "mse"  # regression: mse | huber | l1
     huber_delta: float = 1.0  # regression, loss=huber
+    ignore_index: int = -100  # causal_lm: target tokens with this id are not counted in the loss
     metrics: List[str] = field(default_factory=list)  # extra evaluation metrics (torchmetrics), e.g. [top5, f1_macro, ece]
 
 
@@ -216,6 +229,7 @@ class TrainerConfig:
     sync_batchnorm: bool = False  # under torchrun: convert BatchNorm to SyncBatchNorm
     compile: bool = False  # torch.compile the training/eval forward (checkpoints stay prefix-free)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (GPT, ViT, ResNets)
     channels_last: bool = False  # NHWC memory format for 4-D inputs and conv weights (faster convs on GPU/CPU)
     threads: Optional[int] = None  # torch intra-op CPU threads (torch.set_num_threads); null: torch's default
     profile: bool = False  # torch.profiler trace of a step window into RUN/profile (TensorBoard / Perfetto)
@@ -304,6 +318,11 @@ class TrainrunConfig:
     output_root: str = "runs"  # new run directories are created under it
     run_name: Optional[str] = None  # fixed run directory name (default: a timestamp)
     sweep_name: Optional[str] = None  # multirun: fixed sweep directory multirun/NAME (re-runs skip finished jobs)
+    # mode=generate (a causal LM run): trainrun mode=generate resume=RUN prompt=... max_new_tokens=N
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0: greedy
+    top_k: Optional[int] = None
 
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the rank offset under torchrun stays below it
