@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from trainrun.checks import SectionChecks
 from trainrun.errors import ConfigError
-from trainrun.models import zoo
+from trainrun.models import hf, zoo
+from trainrun.models.gpt import check_shape as check_gpt, gpt
 from trainrun.models.resnet import resnet18, resnet50
 from trainrun.models.small import cnn, mlp
 from trainrun.models.vit import vit
@@ -17,7 +18,8 @@ from trainrun.registry import Registry
 
 MODELS = Registry("model.name")  # name -> factory(model_cfg, input_shape, num_classes, dropout) -> nn.Module
 for _name, _factory in (("mlp", mlp), ("cnn", cnn), ("resnet18", resnet18), ("resnet50", resnet50), ("vit", vit),
-                        ("torchvision", zoo.torchvision_model), ("timm", zoo.timm_model)):
+                        ("torchvision", zoo.torchvision_model), ("timm", zoo.timm_model), ("gpt", gpt),
+                        ("hf_causal_lm", hf.hf_causal_lm)):
     MODELS.register(_name, _factory)
 
 
@@ -51,7 +53,10 @@ def describe_models() -> Dict[str, str]:
 def check(cfg) -> None:
     """Range checks of the model section."""
     checks = SectionChecks(cfg, "model")
-    zoo.check(cfg)
+    if cfg.get("name") == "hf_causal_lm" and not cfg.get("_target_"):
+        hf.check(cfg)  # model.arch names a transformers model_type here, not a zoo model
+    else:
+        zoo.check(cfg)
     if cfg.get("_target_"):
         return  # user code: its arguments are checked when the factory is called, before any compute
     checks.one_of("name", sorted(MODELS))
@@ -59,6 +64,8 @@ def check(cfg) -> None:
     checks.positive("patch_size", "width", "layers", "heads", "mlp_ratio")
     checks.positive("depth", allow_zero=True)
     checks.unit("dropout")
+    if cfg.name == "gpt":
+        check_gpt(cfg)  # after the positive checks: it divides by model.heads
     for key in ("hidden_sizes", "channels"):
         if any(width <= 0 for width in checks.value(key)):
             checks.fail(key, "every layer width must be > 0 (a zero-width layer passes nothing on, so the model "
