@@ -514,10 +514,12 @@ def _augment_note(cfg) -> str:
     return f", augment: {crop} + horizontal flip" + (f" + {policy}" if policy else "")
 
 
+from trainrun.data.text import check_text, load_text_set  # noqa: E402 (text.py builds on the Split above)
+
 DATASETS = Registry("data.name")  # name -> loader(data_cfg) -> Split
 for _name, _loader in (("digits", load_digits_set), ("mnist5k", load_mnist5k_set), ("synthetic", load_synthetic_set),
                        ("tensors", load_tensor_file_set), ("cifar10", load_cifar10_set),
-                       ("imagefolder", load_imagefolder_set)):
+                       ("imagefolder", load_imagefolder_set), ("text", load_text_set)):
     DATASETS.register(_name, _loader)
 LOADERS = DATASETS  # the name trainrun.data exports
 
@@ -527,6 +529,8 @@ def check(cfg) -> None:
     checks = SectionChecks(cfg, "data")
     if cfg.get("_target_") is None:  # user data: the factory's arguments are its own business
         checks.one_of("name", DATASETS.names())
+        if cfg.name == "text":
+            check_text(cfg, checks)
     elif cfg.augment:
         checks.fail("augment", "trainrun's crop/flip applies to its built-in data only; with data._target_ your "
                                "dataset augments its own samples (draw from torch's RNG: trainrun seeds it per sample)")
