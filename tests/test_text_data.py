@@ -268,6 +268,19 @@ def test_build_split_limits_text_blocks(tmp_path):
     assert (len(split.train), len(split.val)) == (5, 3) and split.train.x.shape == (5, 16)
 
 
+def test_batches_of_blocks_resume_mid_epoch(tmp_path):
+    from trainrun.data import BatchStream
+
+    split = load_text_set(text_cfg(tmp_path, root=str(write_corpus(tmp_path / "c")), block_size=16))
+    stream = lambda: BatchStream(split.train, 4, seed=3, shuffle=True, drop_last=True)  # noqa: E731
+    full, resumed = list(stream().iter_epoch(1)), list(stream().iter_epoch(1, start=2))
+    assert len(full) == len(split.train) // 4 and len(resumed) == len(full) - 2
+    for (x, y, idx), (rx, ry, ridx) in zip(full[2:], resumed):
+        assert torch.equal(x, rx) and torch.equal(y, ry) and torch.equal(idx, ridx)
+    x, y, idx = full[0]
+    assert x.shape == (4, 16) and x.dtype == torch.int64 and torch.equal(x, split.train.x[idx])
+
+
 # ------------------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize("values, error, words", [
     ({"block_size": 1}, ConfigError, "data.block_size=1: a block needs at least 2 tokens"),
