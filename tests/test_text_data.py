@@ -331,6 +331,8 @@ def test_bpe_on_too_little_text_is_refused(tmp_path):
     ({"kind": "bpe"}, "not a byte-level BPE tokenizer JSON"),
     ({"kind": "bpe", "json": "{broken"}, "not a byte-level BPE tokenizer JSON"),
     ({"kind": "bpe", "json": json.dumps({"model": {"type": "WordPiece"}})}, "not a byte-level BPE"),
+    ({"kind": "bpe", "json": json.dumps({"model": {"type": "BPE"}, "decoder": "ByteLevel"})}, "not a byte-level"),
+    ({"kind": "bpe", "json": "[1, 2]"}, "not a byte-level BPE"),
     ({"kind": "bpe", "json": json.dumps({"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}})},
      "does not load"),
 ])

@@ -220,9 +220,9 @@ def tokenizer_from_spec(spec: dict) -> TextTokenizer:
         parsed = json.loads(text) if isinstance(text, str) else None
     except ValueError:
         parsed = None
-    model = parsed.get("model") if isinstance(parsed, dict) else None
+    model, decoder = (parsed.get("model"), parsed.get("decoder")) if isinstance(parsed, dict) else (None, None)
     if not isinstance(model, dict) or model.get("type") != "BPE" \
-            or (parsed.get("decoder") or {}).get("type") != "ByteLevel":
+            or not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
         raise ConfigError("the run's bpe tokenizer record is not a byte-level BPE tokenizer JSON (meta.json is damaged"
                           " or edited); rerun the training or restore meta.json")
     tk = _tokenizers_module()
