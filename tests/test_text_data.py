@@ -266,6 +266,7 @@ def test_build_split_limits_text_blocks(tmp_path):
     cfg = text_cfg(tmp_path, root=str(write_corpus(tmp_path / "c")), block_size=16, limit_train=5, limit_val=3)
     split = build_split(cfg, classifies=False)
     assert (len(split.train), len(split.val)) == (5, 3) and split.train.x.shape == (5, 16)
+    assert split.vocab_size == 256
 
 
 def test_batches_of_blocks_resume_mid_epoch(tmp_path):

@@ -409,10 +409,12 @@ def load_text_set(cfg) -> Split:
     tokens = load_tokens(corpus, cfg)
     sets = _block_sets(tokens, cfg)
     parts = {name: TensorSet(blocks[:, :-1].contiguous(), blocks[:, 1:].contiguous()) for name, blocks in sets.items()}
-    return Split(parts["train"], parts["val"], tokens.tokenizer.vocab_size, (int(cfg.block_size),),
-                 _fingerprint(cache_key(corpus, cfg), int(cfg.block_size), sets),
-                 _describe(corpus, tokens, sets, int(cfg.block_size)), test=parts.get("test"),
-                 preprocess={"tokenizer": tokens.tokenizer.spec()})
+    split = Split(parts["train"], parts["val"], tokens.tokenizer.vocab_size, (int(cfg.block_size),),
+                  _fingerprint(cache_key(corpus, cfg), int(cfg.block_size), sets),
+                  _describe(corpus, tokens, sets, int(cfg.block_size)), test=parts.get("test"),
+                  preprocess={"tokenizer": tokens.tokenizer.spec()})
+    split.vocab_size = tokens.tokenizer.vocab_size  # kept when build_split(classifies=False) clears num_classes
+    return split
 
 
 def check_text(cfg, checks: SectionChecks) -> None:
