@@ -18,12 +18,13 @@ import json
 import math
 from collections import deque
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from trainrun.errors import ConfigError, TrainrunError
+from trainrun.precision import total_norm
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14  # below this fp16 is subnormal (precision lost), below 2**-24 it flushes to zero
@@ -232,22 +233,33 @@ class Doctor:
         if self.batch_size is None:
             self.batch_size = len(y)
 
-    def end_step(self, loss: torch.Tensor, norm: Optional[torch.Tensor], position: Optional[Tuple] = None) -> bool:
+    def end_step(self, loss: torch.Tensor, norm: Optional[torch.Tensor], position: Optional[Tuple] = None,
+                 params: Sequence[torch.Tensor] = ()) -> bool:
         """Gradients are unscaled (and clipped), the optimizer has not stepped. Returns whether to apply the update;
         raises TrainingHalted under nan_guard=halt. The one host sync of a healthy step happens here (deferred:
-        in `resolve`, one step later). `position`: the trainer's (step, epoch, batch_in_epoch, samples) now, where
-        a deferred bad step's .badstep dump is taken from."""
-        if self._stats_row is None and self.is_probe_step(self._step):
+        in `resolve`, one step later). `norm`: the global gradient norm where the loop computed one (log steps,
+        clipping); otherwise the per-tensor norms of `params`' gradients travel with the loss in one tensor and the
+        global norm is summed on the host. `position`: the trainer's (step, epoch, batch_in_epoch, samples) now,
+        where a deferred bad step's .badstep dump is taken from."""
+        if self._stats_row is None and self.probe_every and self.is_probe_step(self._step):
+            if norm is None:
+                norm = total_norm([p.grad for p in params if p.grad is not None])
             self._collect_grad_stats(norm)
         if not self.guard:
             self._clear_hooks()
             return True
-        if norm is not None and hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        scale = self.precision.scale_tensor()
         parts = [loss.detach().float()]
         if norm is not None:
-            parts.append(norm.float())
+            parts.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads and type(grads[0]) is torch.Tensor and grads[0].device == parts[0].device:  # not DTensors
+                parts.extend(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            elif grads:
+                norm = total_norm(grads)
+                parts.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+        norms = len(parts) - 1
+        scale = self.precision.scale_tensor()
         if scale is not None:
             parts.append(scale.float().reshape(()))
         vals = torch.stack(parts)
@@ -255,9 +267,9 @@ class Doctor:
             bad = self.reduce_sum((~torch.isfinite(vals[:1])).float())
             vals = torch.cat([torch.where(bad > 0, torch.full_like(bad, float("nan")), vals[:1]), vals[1:]])
         if self.deferred and self._stats_row is None:
-            self._defer(vals, norm is not None, position)
+            self._defer(vals, norms, position)
             return True
-        return self._judge(vals.tolist(), norm is not None, scale is not None)
+        return self._judge(_host_values(vals.tolist(), norms), norms > 0, scale is not None)
 
     def _judge(self, got: List[float], has_norm: bool, scaler_on: bool) -> bool:
         """The verdict on the step's loss, gradient norm and loss scale (host numbers)."""
@@ -291,13 +303,13 @@ class Doctor:
         self._optimizer, self._rewind, self.armed = optimizer, rewind, True
         self.deferred = self.guard and guard_sync_mode(self.cfg, self.precision, ema) == "deferred"
 
-    def _defer(self, vals: torch.Tensor, has_norm: bool, position: Optional[Tuple]) -> None:
+    def _defer(self, vals: torch.Tensor, norms: int, position: Optional[Tuple]) -> None:
         """Keep the verdict on the device; copy the weights and optimizer state the update is about to change."""
         if len(self._optimizer.state) != self._snap_count:
             self._snapshot_pairs()
         for live, copy in self._snap:
             torch._foreach_copy_(copy, live)
-        self.pending = {"step": self._step, "vals": vals, "has_norm": has_norm, "batches": self._batches,
+        self.pending = {"step": self._step, "vals": vals, "norms": norms, "batches": self._batches,
                         "position": position, "buffers": self._buffer_copy, "lr": self.lr(),
                         "lrs": [g["lr"] for g in self._optimizer.param_groups]}
 
@@ -324,9 +336,10 @@ class Doctor:
         now = (self._step, self._batches, self._buffer_copy)
         self._step, self._batches = pend["step"], pend["batches"]
         try:
-            got = pend["vals"].tolist()
-            if math.isfinite(got[0]) and (not pend["has_norm"] or math.isfinite(got[1])):
-                return self._judge(got, pend["has_norm"], False)
+            got = _host_values(pend["vals"].tolist(), pend["norms"])
+            has_norm = pend["norms"] > 0
+            if math.isfinite(got[0]) and (not has_norm or math.isfinite(got[1])):
+                return self._judge(got, has_norm, False)
             self._undo_update()
             for g, lr in zip(self._optimizer.param_groups, pend["lrs"]):  # the schedule has moved on since
                 g["lr"] = lr
@@ -335,7 +348,7 @@ class Doctor:
                 self._hooks.append(self._inject.register_forward_hook(lambda m, i, o: o * float("nan")))
             with self._rewind(pend["position"]):
                 self._lr_at_step = pend["lr"]
-                return self._judge(got, pend["has_norm"], False)
+                return self._judge(got, has_norm, False)
         finally:
             self._lr_at_step = None
             self._step, self._batches, self._buffer_copy = now
@@ -695,6 +708,13 @@ class Doctor:
 
 
 # --- overfit one batch -----------------------------------------------------------------------------------------
+def _host_values(got: List[float], norms: int) -> List[float]:
+    """[loss, per-tensor gradient norms..., (scale)] read from the device -> [loss, (global norm), (scale)]."""
+    if norms <= 1:
+        return got
+    return [got[0], math.hypot(*got[1:1 + norms]), *got[1 + norms:]]
+
+
 class LabelProbe:
     """A 1-NN probe's val accuracy against the accuracy labels independent of the inputs would give.
 

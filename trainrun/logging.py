@@ -223,8 +223,10 @@ class RunLogger:
         info = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch")
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=_fit_info(info, self.console.width, self.total))
-        else:
-            self.console.print(f"step {step}/{self.total}  {info}")
+        else:  # plain text: rich's markup and wrapping cost ~0.3 ms a line, 3% of a 1 ms step at log_every=10
+            out = self.console.file
+            out.write(f"step {step}/{self.total}  {info}\n")
+            out.flush()
 
     def _write(self, row: Dict[str, Any]) -> None:
         try:

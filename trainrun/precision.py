@@ -32,6 +32,7 @@ class PrecisionPolicy:
             tf32 = cfg.allow_tf32 and cfg.name == "fp32"
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
+        self.scaling = self.scaler.is_enabled()  # fixed for the run: the hot path tests a bool, not the scaler
 
     def autocast(self):
         if self.dtype is None:
@@ -39,7 +40,7 @@ class PrecisionPolicy:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()
+        (self.scaler.scale(loss) if self.scaling else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], *,
              clip_norm: Optional[float], clip_value: Optional[float], want_norm: bool) -> Optional[torch.Tensor]:
@@ -56,10 +57,12 @@ class PrecisionPolicy:
                          clip_norm: Optional[float], clip_value: Optional[float],
                          want_norm: bool) -> Optional[torch.Tensor]:
         """The first half of `step`: gradients back in true units, the pre-clip global norm, clipping."""
-        params = [p for p in params if p.grad is not None]
-        if self.scaler.is_enabled():
+        if self.scaling:
             self.scaler.unscale_(optimizer)
         norm = None
+        if clip_norm is None and clip_value is None and not want_norm:
+            return norm
+        params = [p for p in params if p.grad is not None]
         if clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
         elif want_norm or clip_value is not None:
@@ -71,13 +74,17 @@ class PrecisionPolicy:
     def update(self, optimizer: torch.optim.Optimizer, apply: bool = True) -> None:
         """The second half: the optimizer step (unless `apply` is False: a step the NaN guard skips) and the
         scaler's scale update."""
+        if not self.scaling:
+            if apply:
+                optimizer.step()
+            return
         if apply:
             self.scaler.step(optimizer)
         self.scaler.update()
 
     def scale_tensor(self) -> Optional[torch.Tensor]:
         """The current loss scale as a device tensor (no host sync), or None without a scaler."""
-        return self.scaler._scale if self.scaler.is_enabled() else None
+        return self.scaler._scale if self.scaling else None
 
     def state_dict(self):
         return self.scaler.state_dict()
