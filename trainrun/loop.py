@@ -90,10 +90,11 @@ def micro_batches(t: Trainer) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torc
         t.state.batch_in_epoch = 0
 
 
-def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torch.Tensor]:
+def train_step(t: Trainer, batches: Iterator, want_norm: bool, want_sums: bool = True) -> Dict[str, torch.Tensor]:
     """One optimizer step over `accumulation` micro-batches. Returns device tensors; the only host sync is the
     doctor's guard (one small tensor per step; with doctor.guard_sync=deferred the previous step's, read here after
-    this step's forward/backward is queued)."""
+    this step's forward/backward is queued). `want_sums`: compute the task's train sums (train/acc); `fit` asks for
+    them on log steps only."""
     doc, state = t.doctor, t.state
     if t.zero_grad:
         t.optimizer.zero_grad(set_to_none=True)
@@ -103,13 +104,14 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
         doc.begin_step(state.step + 1)
     loss_sum = sums = None
     n = 0
+    fetched, token_scale = _token_weighting(t, batches) if t.task.token_weighted else (None, None)
     for i in range(t.accumulation):
         if t.grad_sync is not None:
             t.grad_sync(i == t.accumulation - 1)  # all-reduce gradients on the last micro-batch only
-        x, y, idx = next(batches)
+        x, y, idx = next(batches) if fetched is None else fetched[i]
         if doc is not None:
             doc.check_labels(y, idx)
-        x, y = _to_device(x, t.device, t.channels_last), y.to(t.device, non_blocking=True)
+        x, y = _to_device(x, t.device, t.channels_last), _to_device(y, t.device, False)
         if doc is not None:
             doc.watch(x, y, idx)
         target = y
@@ -117,22 +119,27 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
             x, target = t.augment(x, y)  # MixUp/CutMix give probability targets; accuracy uses the hard labels
         with t.precision.autocast():
             logits = t.model(x)
-        if t.distill is not None:
-            loss, _ = t.distill.loss(x, logits, target, t.loss_fn, t.precision.autocast)
+        if token_scale is not None:  # this micro-batch's share of the step's mean over counted tokens
+            loss = t.task.summed_loss(logits, target) * token_scale
+            t.precision.backward(loss)
         else:
-            loss = t.task.loss(logits, target)  # the loss is always computed in fp32
-        t.precision.backward(loss / t.accumulation if t.accumulation > 1 else loss)  # no extra autograd node
-        batch_sums = t.task.train_sums(logits, y)
+            if t.distill is not None:
+                loss, _ = t.distill.loss(x, logits, target, t.loss_fn, t.precision.autocast)
+            else:
+                loss = t.task.loss(logits, target)  # the loss is always computed in fp32
+            t.precision.backward(loss / t.accumulation if t.accumulation > 1 else loss)  # no extra autograd node
+        if want_sums:
+            batch_sums = t.task.train_sums(logits, y)
+            sums = batch_sums if sums is None else {k: sums[k] + v for k, v in batch_sums.items()}
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        sums = batch_sums if sums is None else {k: sums[k] + v for k, v in batch_sums.items()}
         n += len(y)
     if doc is not None and doc.pending is not None:
         doc.resolve()
     norm = t.precision.unscale_and_clip(t.optimizer, t.params, clip_norm=t.clip_norm,
-                                        clip_value=t.clip_value, want_norm=want_norm or doc is not None)
-    mean_loss = loss_sum / t.accumulation if t.accumulation > 1 else loss_sum
-    apply = doc.end_step(mean_loss, norm, (state.step, state.epoch, state.batch_in_epoch, state.samples)) \
-        if doc is not None else True
+                                        clip_value=t.clip_value, want_norm=want_norm)
+    mean_loss = loss_sum / t.accumulation if t.accumulation > 1 and token_scale is None else loss_sum
+    apply = doc.end_step(mean_loss, norm, (state.step, state.epoch, state.batch_in_epoch, state.samples),
+                         t.params) if doc is not None else True
     if not apply:  # the guard skipped this step (nan_guard=skip): no update, the batch is consumed
         t.optimizer.zero_grad(set_to_none=True)
     t.precision.update(t.optimizer, apply)
@@ -149,10 +156,22 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool) -> Dict[str, torc
     return out
 
 
+def _token_weighting(t: Trainer, batches: Iterator) -> Tuple[List, torch.Tensor]:
+    """A token-weighted task (causal_lm): the step's micro-batches, fetched first, and the factor that turns a
+    micro-batch's summed loss into its share of the mean over every counted token of the step, on all ranks:
+    world / total tokens (DDP and FSDP2 average gradients over ranks, so each rank's share is scaled by world).
+    The sum over micro-batches of (summed loss x factor) is then this rank's part of the global token mean."""
+    fetched = [next(batches) for _ in range(t.accumulation)]
+    total = sum(t.task.counted_tokens(y) for _, y, _ in fetched).to(t.device, torch.float64)
+    if t.world > 1:
+        total = all_reduce_sum(total)
+    return fetched, (t.world / total.clamp(min=1)).float()
+
+
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     if channels_last and x.ndim == 4:
         return x.to(device, memory_format=torch.channels_last, non_blocking=True)
-    return x.to(device, non_blocking=True)
+    return x if x.device == device else x.to(device, non_blocking=True)
 
 
 def _grad_sync_switch(model: nn.Module) -> Optional[Callable[[bool], None]]:
@@ -235,18 +254,17 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
     t.model.train()
     batches = micro_batches(t)
     loss_acc = torch.zeros((), device=t.device)
-    sums: Dict[str, torch.Tensor] = {}  # the task's train sums over the log window
     seen, steps_in_window, norm = 0, 0, None
     window_start = time.perf_counter()
     while t.state.step < stop_at:
         if t.before_step is not None:
             t.before_step(t.state.step)
         is_log_step = (t.state.step + 1) % log_every == 0 or t.state.step + 1 == stop_at
-        out = train_step(t, batches, want_norm=is_log_step)
+        # the task's train metrics (train/acc) come from the log step's batch alone: measuring every step would
+        # cost a few tensor ops per step for a number shown once per window (train/loss is the window's mean)
+        out = train_step(t, batches, want_norm=is_log_step, want_sums=is_log_step)
         if not out["skipped"]:
             loss_acc += out["loss"]
-            for k, v in out["sums"].items():
-                sums[k] = sums[k] + v if k in sums else v
             seen += out["n"]
             steps_in_window += 1
         norm = out.get("grad_norm", norm)
@@ -256,16 +274,20 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             on_step(step, out)
         if is_log_step:
             _settle(t)
+            sums, sums_n = ({}, 0) if out["skipped"] else (dict(out["sums"] or {}), out["n"])
             if t.world > 1:  # sums over ranks: the same numbers one process with the global batch logs
-                seen = _reduce_window(t, loss_acc, sums, seen)
+                seen, sums_n = _reduce_window(t, loss_acc, sums, seen, sums_n)
             loss = float(loss_acc) / max(1, steps_in_window)  # the one host sync per log interval
             if loss != loss or loss in (float("inf"), float("-inf")):  # only reachable with doctor.nan_guard=off
                 raise TrainingHalted(f"non-finite training loss ({loss}) in the {steps_in_window} steps up to step "
                                      f"{step}; re-run with doctor.nan_guard=halt to find the step and the layer, "
                                      "lower optimizer.lr, or use precision=bf16 instead of fp16")
             elapsed = time.perf_counter() - window_start
-            metrics = {"epoch": t.state.epoch, "train/loss": loss, **(t.task.train_metrics(sums, seen) if sums else {}),
-                       "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": seen / max(elapsed, 1e-9)}
+            rate = seen / max(elapsed, 1e-9)
+            metrics = {"epoch": t.state.epoch, "train/loss": loss,
+                       **(t.task.train_metrics(sums, sums_n) if sums else {}),
+                       **t.task.window_metrics(loss, rate), "lr": t.optimizer.param_groups[0]["lr"],
+                       "samples_per_s": rate}
             if norm is not None:
                 metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             metrics["peak_mem_mb"] = round(measured_peak_bytes(t.device)["bytes"] / 1024 ** 2, 1)
@@ -273,7 +295,6 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
                 metrics["loss_scale"] = t.precision.scaler.get_scale()
             log(step, metrics)
             loss_acc.zero_()
-            sums = {}
             seen, steps_in_window = 0, 0
             window_start = time.perf_counter()
         else:
@@ -304,11 +325,13 @@ def _settle(t: Trainer) -> None:
         t.doctor.resolve()
 
 
-def _reduce_window(t: Trainer, loss_acc: torch.Tensor, sums: Dict[str, torch.Tensor], seen: int) -> int:
-    """All-reduce the log window over ranks in one call: the mean loss, the task's sums, the samples seen."""
+def _reduce_window(t: Trainer, loss_acc: torch.Tensor, sums: Dict[str, torch.Tensor], seen: int,
+                   sums_n: int) -> Tuple[int, int]:
+    """All-reduce the log window over ranks in one call: the mean loss, the task's sums (of the log step), the
+    samples seen in the window and in the log step."""
     keys = list(sums)
     flat = torch.cat([loss_acc.double().reshape(1), *[sums[k].double().reshape(-1) for k in keys],
-                      torch.tensor([float(seen)], device=t.device, dtype=torch.float64)])
+                      torch.tensor([float(seen), float(sums_n)], device=t.device, dtype=torch.float64)])
     totals = all_reduce_sum(flat)
     loss_acc.fill_(float(totals[0]) / t.world)
     at = 1
@@ -316,7 +339,7 @@ def _reduce_window(t: Trainer, loss_acc: torch.Tensor, sums: Dict[str, torch.Ten
         size = sums[k].numel()
         sums[k] = totals[at:at + size].reshape(sums[k].shape).to(sums[k].dtype)
         at += size
-    return int(totals[-1])
+    return int(totals[-2]), int(totals[-1])
 
 
 def overfit_one_batch(t: Trainer, steps: int, target: float) -> Tuple[List[float], List[float], Optional[str]]:
