@@ -184,11 +184,13 @@ def _build_model(cfg: DictConfig, split, task: Task, device: torch.device, info,
     checkpoint holds the weights) and its finetune setup (frozen parameters, LoRA), on `device`.
     Returns (model, finetuner or None, the weights' provenance or None)."""
     dropout = effective_dropout(cfg.regularization, cfg.model)
-    classes = split.num_classes if split.num_classes is not None else task.num_outputs
+    classes = getattr(task, "vocab_size", None) or (split.num_classes if split.num_classes is not None
+                                                   else task.num_outputs)
     if not cfg.model.get("_target_"):  # a user model is not built twice (its factory may be slow or stateful)
         check_model_size(cfg.model, split.input_shape, classes, dropout, device)
     model = build_model(cfg.model, split.input_shape, classes, dropout, num_outputs=task.num_outputs)
-    check_forward(model, model_label(cfg.model), split.input_shape, classes, task)
+    check_forward(model, model_label(cfg.model), split.input_shape, classes, task,
+                  getattr(getattr(split.train, "x", None), "dtype", None))
     apply_init(model, cfg.init, cfg.model.activation, batch=sample_inputs(split.train, cfg.data.batch_size))
     weights = None
     if resumed is None and (cfg.model.get("pretrained") or cfg.model.get("weights")):

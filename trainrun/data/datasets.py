@@ -81,6 +81,7 @@ class Split:
     test: object = None  # the held-out test split, when the data has one (mode=test); never trained or selected on
     class_names: Optional[List[str]] = None  # classification: one name per class index, when the data names them
     preprocess: Dict[str, Any] = field(default_factory=dict)
+    vocab_size: Optional[int] = None  # token data (data=text): the tokenizer's vocabulary, the causal LM's outputs
 
 
 def _first_line(e: BaseException) -> str:

@@ -87,10 +87,11 @@ def model_options(option_dir: Path) -> Dict[str, str]:
     return out
 
 
-def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_classes: int, task=None) -> None:
+def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_classes: int, task=None,
+                  dtype=None) -> None:
     """Run the built model once on one all-zero sample (eval mode, no grad: no RNG drawn, no BatchNorm statistics
     changed) and check its output is [1, num_classes], so a model that cannot take this input fails in one line
-    before any training instead of a traceback at the first step."""
+    before any training instead of a traceback at the first step. `dtype`: the inputs' (token ids: int64)."""
     import torch
 
     shape = list(input_shape)
@@ -102,7 +103,7 @@ def check_forward(model: nn.Module, name: str, input_shape: Sequence[int], num_c
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, *shape))
+            out = model(torch.zeros(1, *shape, dtype=dtype))
     except Exception as e:  # noqa: BLE001  (any failure of the forward is the same finding)
         last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         raise ConfigError(f"{_label(name)} cannot run on inputs of shape {shape} ({type(e).__name__}: {last}); "

@@ -27,6 +27,7 @@ class Task:
     name = "task"
     mixes_targets = False  # whether MixUp/CutMix may mix this task's targets
     classifies = False  # classes with labels 0..C-1: the doctor's ln(C) and chance checks apply
+    token_weighted = False  # the loop averages the loss over the step's counted tokens (causal_lm), not samples
 
     def __init__(self, cfg, loss_fn: nn.Module, output_shape: Tuple[int, ...],
                  class_names: Optional[Sequence[str]] = None):
@@ -84,6 +85,10 @@ class Task:
 
     def eval_metrics(self, sums: Dict[str, torch.Tensor], n: int) -> Dict[str, float]:
         return {"val/loss": float(sums["loss"]) / max(1, n)}
+
+    def window_metrics(self, mean_loss: float, samples_per_s: float) -> Dict[str, float]:
+        """Train metrics a log window derives from its mean loss and throughput (causal_lm: perplexity, tokens/s)."""
+        return {}
 
     def extra_metrics(self) -> Tuple[str, ...]:
         return tuple((self.cfg.get("metrics") or ()) if self.cfg is not None else ())
@@ -167,4 +172,4 @@ def metric_names(cfg) -> Tuple[str, ...]:
     return tuple(f"val/{m}" for m in cls.metric_names(task_cfg))
 
 
-from trainrun.tasks import classification, sigmoid, regression  # noqa: E402,F401  (registers the built-ins)
+from trainrun.tasks import classification, sigmoid, regression, causal_lm  # noqa: E402,F401  (the built-ins)

@@ -65,6 +65,14 @@ class _FunctionLoss(nn.Module):
         return self.fn(output, target)
 
 
+def _vocabulary(cfg, split) -> int:
+    vocab = getattr(split, "vocab_size", None)
+    if not vocab:
+        raise ConfigError(f"task={cfg.task.name} needs token data with a vocabulary (data=text), not data="
+                          f"{cfg.data.get('_target_') or cfg.data.name}")
+    return int(vocab)
+
+
 def build_task(cfg, split, device: torch.device) -> Task:
     """The task for this config and data; checks every target of both splits once, before any training."""
     task_cls = TASKS.get(cfg.task.name)
@@ -72,6 +80,8 @@ def build_task(cfg, split, device: torch.device) -> Task:
         output_shape = (split.num_classes,)
     elif cfg.task.name == "binary":
         output_shape = (1,)
+    elif task_cls.token_weighted:
+        output_shape = (split.input_shape[0], _vocabulary(cfg, split))
     else:
         output_shape = _target_shape(split)
     made_task, user_loss = _user_loss_or_task(cfg, output_shape) if cfg.task.get("_target_") else (None, None)
