@@ -62,6 +62,8 @@ SYMMETRY = ("a constant initialisation gives every unit of a layer the same outp
             "units stay identical forever (the symmetry problem); use init=kaiming_normal for ReLU nets or "
             "init=xavier_uniform for tanh/linear ones")
 NO_TEACHER = "needs a teacher: distillation.teacher=RUN_DIR (a trainrun run or checkpoint directory)"
+LM_STAND_IN = ("model.layers=2", "model.width=32", "model.heads=2", "data.block_size=32", "data.max_bytes=20000",
+               "data.cache_dir={text_cache}")
 IMAGE_STAND_IN = ("data.root={images}", "data.image_size=16", "data.num_workers=0", "data.batch_size=8")
 
 # Data this machine lacks, as refused. Recipes on such data (CIFAR-10, ImageNet) build on the tiny image folder at
@@ -82,8 +84,9 @@ OPTION_NEEDS: Dict[Tuple[str, str], Needs] = {
     ("init", "zeros"): Needs(re.escape(f"init.name='zeros': {SYMMETRY}"), builds=False),
     # gpt2 scales the residual projections only transformer blocks mark; 2 blocks keep the ViT build fast
     ("init", "gpt2"): Needs(re.escape("init=gpt2 scales the residual projections of transformer blocks, and this "
-                                      "model has none (only model=vit_tiny marks them); use model=vit_tiny, or choose "
-                                      "another init (e.g. init=kaiming_normal)"), ("model=vit_tiny", "model.layers=2")),
+                                      "model has none (model=vit_tiny, gpt and hf_causal_lm mark them); use one of those, or "
+                                      "choose another init (e.g. init=kaiming_normal)"),
+                            ("model=vit_tiny", "model.layers=2")),
     # torchvision checks the MD5 of every CIFAR-10 archive member, so no stand-in can pass for it: refusal only
     ("data", "cifar10"): Needs(OFFLINE_DATA_REFUSAL["cifar10"].format(root="data/cifar10"), builds=False),
     ("data", "imagefolder"): Needs(OFFLINE_DATA_REFUSAL["imagefolder"].format(root="data/images"), IMAGE_STAND_IN),
@@ -105,6 +108,13 @@ OPTION_NEEDS: Dict[Tuple[str, str], Needs] = {
     ("task", "multilabel"): Needs(stand_in=("data._target_=userpkg.data.digits_multilabel",)),
     ("task", "regression"): Needs(stand_in=("data._target_=userpkg.data.diabetes", "model=mlp",
                                             "checkpoint.monitor=val/loss", "checkpoint.monitor_mode=min")),
+    # language models: token blocks of a small slice of the stdlib, a 2-layer GPT
+    ("task", "causal_lm"): Needs(stand_in=("data=text", "model=gpt", *LM_STAND_IN)),
+    ("data", "text"): Needs(re.escape("task.name='classification': data=text gives token blocks for language "
+                                      "modelling: use task=causal_lm (with model=gpt or model=hf_causal_lm)"),
+                            ("task=causal_lm", "model=gpt", *LM_STAND_IN)),
+    ("model", "gpt"): Needs(stand_in=("task=causal_lm", "data=text", *LM_STAND_IN)),
+    ("model", "hf_causal_lm"): Needs(stand_in=("task=causal_lm", "data=text", *LM_STAND_IN)),
 }
 
 
@@ -181,7 +191,8 @@ def stand_ins(tmp_path_factory, trainrun_setup) -> Dict[str, str]:
     torch.save({"x": torch.randn(n, 1, 8, 8, generator=g), "y": torch.arange(n) % 4,
                 "difficulty": torch.rand(n, generator=g)}, root / "tensors.pt")
     teacher = _train_teacher([f"output_root={root / 'runs'}"], root / "runs" / "teacher")
-    return {"images": str(images), "tensors": str(root / "tensors.pt"), "teacher": str(teacher)}
+    return {"images": str(images), "tensors": str(root / "tensors.pt"), "teacher": str(teacher),
+            "text_cache": str(root / "text_cache")}
 
 
 @pytest.fixture(scope="session")
@@ -247,6 +258,8 @@ def build_and_check(overrides, run_dir: Path):
     assert shape in run.task.accepted_output_shapes(), (shape, run.task.name)
     if run.task.classifies:
         assert shape == (run.split.num_classes,)
+    elif run.task.token_weighted:  # next-token logits at every position of the block
+        assert shape == (*y.shape[1:], run.split.vocab_size)
     else:
         assert out[0].numel() == y[0].numel(), (tuple(out.shape), tuple(y.shape))
     return run

@@ -312,7 +312,7 @@ class TrainrunConfig:
     # key of the callback's state in checkpoints
     callbacks: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    mode: str = "train"  # train | eval | test | predict | export | init_report | lr_find | overfit_batch
+    mode: str = "train"  # train | eval | test | predict | export | generate | init_report | lr_find | overfit_batch
     resume: Optional[str] = None  # run dir, checkpoint dir, `latest`, or `auto` (continue run_name if it has a checkpoint, else start it)
     determinism: str = "warn"  # off | warn | error
     output_root: str = "runs"  # new run directories are created under it
@@ -424,6 +424,8 @@ def validate(cfg: DictConfig) -> None:
         checks.fail("lr_find.end_lr", f"must be larger than lr_find.start_lr={cfg.lr_find.start_lr}")
     if cfg.mode == "overfit_batch" and cfg.resume:
         checks.fail("resume", "mode=overfit_batch starts from a fresh model; drop resume=")
+    if cfg.mode == "generate":
+        _check_generate(cfg, checks)
     device = str(cfg.trainer.device)
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         checks.fail("trainer.device", "must be auto, cpu, cuda or cuda:N")
@@ -455,6 +457,20 @@ def _check_across_sections(cfg: DictConfig, checks: SectionChecks) -> None:
                                           + "; the best checkpoint and early stopping would never see this metric")
 
 
+MAX_NEW_TOKENS = 100_000
+
+
+def _check_generate(cfg: DictConfig, checks: SectionChecks) -> None:
+    if not cfg.resume:
+        checks.fail("resume", "mode=generate samples from a trained causal LM: resume=<run dir or checkpoint dir>")
+    if not 1 <= cfg.max_new_tokens <= MAX_NEW_TOKENS:
+        checks.fail("max_new_tokens", f"must be in [1, {MAX_NEW_TOKENS:,}]")
+    if not 0 <= cfg.temperature < float("inf"):
+        checks.fail("temperature", "must be >= 0 and finite (0: always the most likely token)")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        checks.fail("top_k", "must be >= 1, or null for the whole vocabulary")
+
+
 def _more_metrics(cfg: DictConfig) -> str:
     """The hint that task.metrics logs more (e.g. ' (more with task.metrics=[top5, f1_macro, ...])')."""
     from trainrun.metrics import EXTRAS
@@ -473,6 +489,10 @@ CLASS_INDEX_ONLY = {"regularization.label_smoothing": 0.0, "regularization.mixup
 def _check_task_fits(cfg: DictConfig, checks: SectionChecks) -> None:
     from trainrun.tasks.build import task_classifies
 
+    if cfg.data.get("_target_") is None and cfg.data.name == "text" and cfg.task.get("_target_") is None \
+            and cfg.task.name != "causal_lm":
+        checks.fail("task.name", "data=text gives token blocks for language modelling: use task=causal_lm (with "
+                                 "model=gpt or model=hf_causal_lm)")
     if task_classifies(cfg.task):
         return
     for key, off in CLASS_INDEX_ONLY.items():

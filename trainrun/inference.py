@@ -206,6 +206,17 @@ def _check_trusted(stored: Dict[str, Any], trust_code: bool) -> None:
                           "never imports code only a stored config names: pass trust_code=True if you trust it")
 
 
+def _vocabulary(io: Dict[str, Any]) -> Optional[int]:
+    """A language model's vocabulary (the model's outputs per position), checked: meta.json is untrusted input."""
+    vocab = io.get("vocab_size")
+    if vocab is None:
+        return None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 2 <= vocab <= 2 ** 20:
+        raise CheckpointError(f"meta.json io.vocab_size={vocab!r} is not a vocabulary size (an integer in [2, "
+                              "2**20]); the checkpoint's meta.json was altered: use another checkpoint")
+    return vocab
+
+
 def _rebuild_model(stored: Dict[str, Any], io: Dict[str, Any]) -> Tuple[nn.Module, bool]:
     """The stored model section built for the stored input shape and outputs, with the run's LoRA adapters."""
     from omegaconf import OmegaConf
@@ -215,7 +226,7 @@ def _rebuild_model(stored: Dict[str, Any], io: Dict[str, Any]) -> Tuple[nn.Modul
     model_cfg = OmegaConf.create(stored["model"])
     dropout = (stored.get("regularization") or {}).get("dropout")  # as trainrun.regularization.effective_dropout
     dropout = model_cfg.get("dropout", 0.0) if dropout is None else dropout
-    classes = io["num_classes"] if io.get("num_classes") is not None else io["num_outputs"]
+    classes = _vocabulary(io) or (io["num_classes"] if io.get("num_classes") is not None else io["num_outputs"])
     model = build_model(model_cfg, tuple(io["input_shape"]), int(classes), float(dropout or 0.0),
                         num_outputs=io.get("num_outputs"))
     ft = stored.get("finetune") or {}

@@ -45,8 +45,8 @@ def apply_init(model: nn.Module, cfg, activation: str = "relu", batch: torch.Ten
         raise ConfigError(f"init.name={cfg.name!r}: {_SYMMETRY}")
     if cfg.name == "gpt2" and not any(getattr(m, "_residual_projection", False) for m in model.modules()):
         raise ConfigError("init=gpt2 scales the residual projections of transformer blocks, and this model has "
-                          "none (only model=vit_tiny marks them); use model=vit_tiny, or choose another init "
-                          "(e.g. init=kaiming_normal)")
+                          "none (model=vit_tiny, gpt and hf_causal_lm mark them); use one of those, or choose another "
+                          "init (e.g. init=kaiming_normal)")
     if cfg.name == "lsuv" and batch is None:
         raise ConfigError("init=lsuv needs an in-memory dataset batch to measure layer outputs (data=digits, "
                           "mnist5k, synthetic or tensors); choose another init (e.g. init=kaiming_normal) for "

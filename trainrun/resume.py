@@ -29,7 +29,7 @@ REFUSE_ON_CHANGE = ("model", "precision", "optimizer.name", "task.name", "task._
                     "finetune.train", "finetune.unfreeze_at", "finetune.unfreeze_unit", "finetune.lora_rank",
                     "finetune.lora_targets")
 IGNORE_ON_RESUME = ("resume", "mode", "trainer.stop_at_step", "logger", "output_root", "run_name", "sweep_name")
-WEIGHTS_MODES = ("eval", "test", "predict", "export", "consolidate")  # modes that use a checkpoint's weights, not
+WEIGHTS_MODES = ("eval", "test", "predict", "export", "consolidate", "generate")  # modes that use a checkpoint's weights, not
 # its training state (each writes into RUN/<mode>/<time>)
 _GROUPS = ("model", "optimizer", "precision")  # a changed `<group>.name` is undone with `<group>=<name>`
 

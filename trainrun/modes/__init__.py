@@ -32,10 +32,12 @@ MODES.register("test", _lazy("test", "test_mode"))
 MODES.register("predict", _lazy("predict", "predict_mode"))
 MODES.register("export", _lazy("export", "export_mode"))
 MODES.register("consolidate", _lazy("consolidate", "consolidate_mode"))
-CHECKPOINT_ONLY = ("consolidate",)  # called as MODES[mode](cfg, run_dir, t0): nothing is built
+MODES.register("generate", _lazy("generate", "generate_mode"))
+CHECKPOINT_ONLY = ("consolidate", "generate")  # called as MODES[mode](cfg, run_dir, t0): nothing is built
 
 RESTORES = {"train": True, "eval": False, "init_report": False, "lr_find": False, "overfit_batch": False,
-            "test": False, "predict": False, "export": False, "consolidate": False}
+            "test": False, "predict": False, "export": False, "consolidate": False,
+            "generate": False}
 """Whether the mode continues a checkpoint's training state (eval reads only the weights, itself)."""
 
 __all__ = ["CHECKPOINT_ONLY", "MODES", "RESTORES"]

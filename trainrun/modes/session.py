@@ -275,7 +275,7 @@ def _io(run: Run) -> Dict[str, Any]:
     split = run.split
     return {"input_shape": [int(d) for d in split.input_shape], "num_classes": split.num_classes,
             "num_outputs": int(run.task.num_outputs), "task": run.cfg.task.name,
-            "class_names": getattr(split, "class_names", None),
+            "class_names": getattr(split, "class_names", None), "vocab_size": getattr(split, "vocab_size", None),
             "preprocess": _plain(getattr(split, "preprocess", None) or {})}
 
 
