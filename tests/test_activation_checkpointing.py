@@ -75,6 +75,7 @@ def test_same_loss_gradients_statistics_and_rng_with_and_without(name):
     wrapped = copy.deepcopy(plain)
     keys = list(wrapped.state_dict())
     assert apply_activation_checkpointing(wrapped) == expected_blocks
+    wrapped = copy.deepcopy(wrapped)  # a copy (EMA, SWA) keeps the checkpointing and restores its own statistics
     assert list(wrapped.state_dict()) == keys  # checkpoints and resume unaffected
     x = batch(torch.Generator().manual_seed(1))
     losses, grads, buffers, rng = two_steps(plain, x)

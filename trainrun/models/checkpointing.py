@@ -59,8 +59,23 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
                           "resnets); set trainer.activation_checkpointing=false")
     for block in blocks:
         if not is_checkpointed(block):
-            checkpoint(block, context_fn=lambda block=block: (nullcontext(), _statistics_kept(block)))
+            checkpoint(block, context_fn=_recompute_contexts)
+            block.register_forward_pre_hook(_note_starting_block, prepend=True)  # runs before checkpoint's hook
     return len(blocks)
+
+
+# The block whose checkpointed forward is starting: the context_fn reads it. Looked up per call, not bound when
+# wrapping, so a deepcopy of the model (EMA, SWA) restores its own statistics, not the original's.
+_starting: List[nn.Module] = []
+
+
+def _note_starting_block(module: nn.Module, args) -> None:
+    _starting[:] = [module]
+
+
+def _recompute_contexts():
+    """(context of the forward, context of the recomputation in backward) for the block starting now."""
+    return nullcontext(), _statistics_kept(_starting[0])
 
 
 def is_checkpointed(module: nn.Module) -> bool:
