@@ -200,6 +200,10 @@ def _build_model(cfg: DictConfig, split, task: Task, device: torch.device, info,
     if cfg.regularization.stochastic_depth > 0:
         add_stochastic_depth(model, cfg.regularization.stochastic_depth)
     finetuner = _build_finetuner(cfg, model, len(split.train), info)
+    if cfg.trainer.activation_checkpointing:  # hooks on each block: module tree and state_dict keys unchanged
+        from trainrun.models.checkpointing import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     model.to(device, memory_format=torch.channels_last) if cfg.trainer.channels_last else model.to(device)
     if device.type == "cuda" and hasattr(split.train, "x"):  # small in-memory sets live on the GPU
         for ds in (split.train, split.val):

@@ -17,8 +17,8 @@ def gpt(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     """GPT: width, layers, heads, mlp_ratio, norm, positions, tie_weights, bias from model.*; the context is
     input_shape[0] (data.block_size), the vocabulary num_classes."""
     check_shape(cfg)
-    return GPT(vocab_size=num_classes, block_size=context_length(input_shape, "model=gpt"), width=cfg.width, layers=cfg.layers, heads=cfg.heads,
-               mlp_ratio=cfg.mlp_ratio, norm=cfg.norm, positions=cfg.positions, tie_weights=cfg.tie_weights,
+    return GPT(vocab_size=num_classes, block_size=context_length(input_shape, "model=gpt"), width=cfg.width,
+               layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, norm=cfg.norm, positions=cfg.positions, tie_weights=cfg.tie_weights,
                bias=cfg.bias, dropout=dropout)
 
 
@@ -141,6 +141,12 @@ class GPT(nn.Module):
         if tie_weights:
             self.head.weight = self.token_embedding.weight
         self.num_layers = layers  # init=gpt2 scales the marked projections by 1 / sqrt(2 * num_layers)
+        # GPT-2's own init, as nanoGPT and transformers build the model (init=default keeps it): torch's defaults
+        # would give the tied embedding N(0, 1) and a first loss many times ln(vocab)
+        from trainrun.init import gpt2_init
+
+        with torch.no_grad():
+            gpt2_init(self)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[-1]
