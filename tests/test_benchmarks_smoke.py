@@ -89,3 +89,19 @@ def test_startup_importtime_parser(bench):
     assert [(r["module"], r["depth"], r["cum_us"]) for r in rows] == [("_io", 1, 120), ("torch._C", 2, 300),
                                                                       ("torch", 0, 1500)]
     compile(mod.PROBE, "probe", "exec")
+
+
+def test_lm_bench_runs_both_loops_on_the_same_trajectory(bench, tmp_path, capsys):
+    """bench_lm: trainrun's causal_lm loop and the nanoGPT-style hand loop train the same GPT on the same blocks."""
+    out = tmp_path / "lm.json"
+    rec = bench("bench_lm").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["benchmark"] == "bench_lm"
+    assert {(r["config"], r["precision"]) for r in rec["results"]} == {
+        (c, p) for c in ("gpt_tiny", "gpt_small") for p in ("fp32", "bf16")}
+    for res in rec["results"]:
+        assert res["tokens_per_s"]["trainrun"]["median"] > 0 and res["tokens_per_s"]["hand"]["median"] > 0
+        assert res["tokens_per_step"] == res["batch_size"] * res["block_size"]
+        assert "ratio_trainrun_over_hand" in res and "cpu_ratio_trainrun_over_hand" in res
+        (a,), (b,) = res["final_val_loss"]["trainrun"], res["final_val_loss"]["hand"]
+        assert a == pytest.approx(b, rel=1e-5) and a < 5.55  # below log(256): both trained, the same way
+    assert "| trainrun/hand |" in capsys.readouterr().out.replace(" tokens/s", "")

@@ -75,7 +75,7 @@ def _note_starting_block(module: nn.Module, args) -> None:
 
 def _recompute_contexts():
     """(context of the forward, context of the recomputation in backward) for the block starting now."""
-    return nullcontext(), _statistics_kept(_starting[0])
+    return nullcontext(), _statistics_kept(_starting.pop())
 
 
 def is_checkpointed(module: nn.Module) -> bool:

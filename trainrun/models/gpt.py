@@ -18,8 +18,8 @@ def gpt(cfg, input_shape, num_classes: int, dropout: float) -> nn.Module:
     input_shape[0] (data.block_size), the vocabulary num_classes."""
     check_shape(cfg)
     return GPT(vocab_size=num_classes, block_size=context_length(input_shape, "model=gpt"), width=cfg.width,
-               layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, norm=cfg.norm, positions=cfg.positions, tie_weights=cfg.tie_weights,
-               bias=cfg.bias, dropout=dropout)
+               layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, norm=cfg.norm, positions=cfg.positions,
+               tie_weights=cfg.tie_weights, bias=cfg.bias, dropout=dropout)
 
 
 gpt.config_keys = ("width", "layers", "heads", "mlp_ratio", "norm", "positions", "tie_weights", "bias")
