@@ -78,6 +78,7 @@ RECIPE_STAND_IN_DATA = ("data=imagefolder", "data.root={images}", "data.image_si
 TEACHER_RECIPES = {"mnist5k_student_kd": "mnist5k_teacher_cnn"}
 # fine-tuning recipes start from the weights of another recipe's run (model.weights=${output_root}/RUN_NAME)
 WEIGHTS_RECIPES = {f"digits100_{row}": "mnist5k_teacher_cnn" for row in ("full", "linear_probe", "lora", "layer_decay")}
+WEIGHTS_RECIPES["gpt_tiny_pydoc_lora"] = "gpt_tiny_stdlib"
 
 OPTION_NEEDS: Dict[Tuple[str, str], Needs] = {
     ("init", "constant"): Needs(re.escape(f"init.name='constant': {SYMMETRY}"), builds=False),

@@ -36,7 +36,7 @@ from trainrun.regularization import EMA, BatchAugment, EarlyStopping, add_stocha
 from trainrun.resume import WEIGHTS_MODES, check_data, check_state
 from trainrun.schedule import Schedule, horizon_change
 from trainrun.seed import capture_rng_state, restore_rng_state, seed_everything
-from trainrun.tasks import Task
+from trainrun.tasks import Task, model_classes
 from trainrun.tasks.build import build_task
 
 log = logging.getLogger("trainrun")
@@ -184,8 +184,7 @@ def _build_model(cfg: DictConfig, split, task: Task, device: torch.device, info,
     checkpoint holds the weights) and its finetune setup (frozen parameters, LoRA), on `device`.
     Returns (model, finetuner or None, the weights' provenance or None)."""
     dropout = effective_dropout(cfg.regularization, cfg.model)
-    classes = getattr(task, "vocab_size", None) or (split.num_classes if split.num_classes is not None
-                                                   else task.num_outputs)
+    classes = model_classes(task, split)
     if not cfg.model.get("_target_"):  # a user model is not built twice (its factory may be slow or stateful)
         check_model_size(cfg.model, split.input_shape, classes, dropout, device)
     model = build_model(cfg.model, split.input_shape, classes, dropout, num_outputs=task.num_outputs)

@@ -17,9 +17,9 @@ Blocks: a token stream is cut into non-overlapping blocks of block_size + 1 toke
   assigned by `split_indices`, the BPE is trained on the training pieces, and each split's pieces are tokenised
   (piece by piece) into that split's own stream, then cut into blocks.
 
-Cache: `<data.cache_dir or ~/.cache/trainrun/text>/<key>.pt`, key = sha256 over the corpus (document names and
-text; the Python version for python:*), the tokeniser settings and, for bpe, the split settings its training
-text depends on. The file is untrusted: loaded with weights_only, its structure, dtypes and token range checked and
+Cache: `<data.cache_dir or $XDG_CACHE_HOME (~/.cache)/trainrun/text>/<key>.pt`, key = sha256 over the corpus
+(document names and text; the Python version for python:*), the tokeniser settings and, for bpe, the split settings
+its training text depends on. The file is untrusted: loaded with weights_only, its structure, dtypes and token range checked and
 its tokens decoded back to the corpus text; anything else is rebuilt (one warning line). Writes are atomic.
 """
 from __future__ import annotations
@@ -286,7 +286,8 @@ def cache_key(corpus: Corpus, cfg) -> str:
 
 
 def cache_path(cfg, key: str) -> Path:
-    return Path(cfg.get("cache_dir") or "~/.cache/trainrun/text").expanduser() / f"{key}.pt"
+    default = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "trainrun" / "text"
+    return Path(cfg.get("cache_dir") or default).expanduser() / f"{key}.pt"
 
 
 def _decodes_to(tokenizer: TextTokenizer, stream: torch.Tensor, text: str) -> bool:

@@ -239,7 +239,9 @@ def apply_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], input_cha
             continue
         loadable[name] = tensor
     mismatched_names = {m.split(" ")[0] for m in mismatched}
+    loaded_storage = {own[n].data_ptr() for n in loadable}  # a tied weight (GPT head = embedding) loads by any name
     missing = [n for n in own if n not in loadable and n not in mismatched_names
+               and own[n].data_ptr() not in loaded_storage
                and not n.endswith("num_batches_tracked")]  # a counter, not a weight: BatchNorm starts it afresh
     if not loadable:
         raise ConfigError(f"{key}: the file fits nothing in this model: its names look like "

@@ -69,7 +69,7 @@ def _parity_batch(run) -> torch.Tensor:
     stream = BatchStream(run.split.val, min(PARITY_BATCH, len(run.split.val)), run.cfg.seed, shuffle=False,
                          drop_last=False)
     x, _, _ = next(iter(stream.iter_epoch(0)))
-    return x.float().cpu()
+    return (x if not x.is_floating_point() else x.float()).cpu()  # token ids stay integers
 
 
 @torch.no_grad()
@@ -102,12 +102,12 @@ def _source_metadata(run) -> Dict[str, str]:
 
 
 def _safetensors(run, model: nn.Module, batch: torch.Tensor, path: Path) -> Callable:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_model, save_model
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata=_source_metadata(run))
+    # save_model/load_model store a tied weight (a GPT's head and embedding) once and tie it again on load
+    save_model(model, str(path), metadata=_source_metadata(run), force_contiguous=True)
     fresh = _fresh_model(run)
-    fresh.load_state_dict(load_file(str(path)), strict=True)
+    load_model(fresh, str(path), strict=True)
     return fresh.eval()
 
 
@@ -115,9 +115,10 @@ def _fresh_model(run) -> nn.Module:
     """The run's model built anew from its config (no LoRA: the export's keys are the base model's)."""
     from trainrun.models import build_model
     from trainrun.regularization import effective_dropout
+    from trainrun.tasks import model_classes
 
     cfg, split = run.cfg, run.split
-    classes = split.num_classes if split.num_classes is not None else run.task.num_outputs
+    classes = model_classes(run.task, split)
     return build_model(cfg.model, split.input_shape, classes, effective_dropout(cfg.regularization, cfg.model),
                        num_outputs=run.task.num_outputs).float()
 

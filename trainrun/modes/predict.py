@@ -30,6 +30,10 @@ FORMATS = (".csv", ".jsonl")
 
 def predict_mode(run, t0: float) -> Dict[str, Any]:
     cfg = run.cfg
+    if run.task.token_weighted:
+        raise ConfigError(f"mode=predict writes one row per sample, and a {cfg.task.name} model gives "
+                          f"{run.task.num_outputs:,} next-token logits per block; use mode=generate (a sample) or "
+                          "mode=eval / mode=test (loss and perplexity)")
     output = _output_path(cfg.predict.output, run.dir)
     name, dataset = _split(run)
     lora = run.finetuner is not None and cfg.finetune.lora_rank > 0

@@ -142,14 +142,14 @@ def export_merged(run: Run):
     RUN/merged.safetensors (the adapters themselves stay in the checkpoints, which resume exactly)."""
     import copy
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     from trainrun.finetune import merge_lora
 
     merged = merge_lora(copy.deepcopy(run.model).cpu())
     path = run.dir / "merged.safetensors"
     tmp = path.with_suffix(".safetensors.tmp")
-    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(tmp))
+    save_model(merged, str(tmp), force_contiguous=True)  # a tied weight (GPT head = embedding) stored once
     tmp.replace(path)
     return path
 

@@ -143,6 +143,13 @@ class MeasuredTask(Task):
         return evaluation.compute()
 
 
+def model_classes(task: Task, split) -> int:
+    """The `num_classes` a model factory gets: a language model's vocabulary, the data's classes, else the task's
+    outputs per sample."""
+    return getattr(task, "vocab_size", None) or (split.num_classes if split.num_classes is not None
+                                                 else task.num_outputs)
+
+
 def check(cfg) -> None:
     """Range checks of the task section, and the extra metrics it asks for."""
     from trainrun import metrics
