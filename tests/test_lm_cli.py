@@ -19,7 +19,7 @@ def lm(tmp_path_factory):
     checkpointing; the token cache is shared."""
     root = tmp_path_factory.mktemp("lm")
     common = [*LM, "data.tokenizer=bpe", "data.vocab_size=300", f"data.cache_dir={root / 'cache'}"]
-    run_cli(root, *common, "run_name=full")
+    run_cli(root, *common, "run_name=full", "trainer.eval_at_start=true")  # an evaluation draws no randomness
     run_cli(root, *common, "run_name=part", "trainer.stop_at_step=4")
     run_cli(root, "resume=runs/part", "trainer.stop_at_step=null", *FAST)
     run_cli(root, *common, "run_name=ac", "trainer.activation_checkpointing=true")
@@ -34,13 +34,17 @@ def test_lm_logs_perplexity_and_tokens_per_second(lm):
     assert all(r["train/ppl"] == pytest.approx(math.exp(r["train/loss"]), rel=1e-6) for r in train)
     assert all(r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * 32, rel=1e-6) for r in train)
     assert all(r["val/ppl"] == pytest.approx(math.exp(r["val/loss"]), rel=1e-6) for r in evals)
-    assert evals[-1]["val/loss"] < math.log(300)  # below the uniform prediction over the vocabulary
+    assert evals[0]["step"] == 0  # trainer.eval_at_start: GPT-2's init predicts close to uniformly
+    vocab = json.loads((lm / "runs/full/checkpoints/step_000000008/meta.json").read_text())["io"]["vocab_size"]
+    assert abs(evals[0]["val/loss"] - math.log(vocab)) < 0.05
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.1
     meta = json.loads((lm / "runs/full/checkpoints/step_000000008/meta.json").read_text())
     assert meta["io"]["task"] == "causal_lm" and meta["io"]["preprocess"]["tokenizer"]["kind"] == "bpe"
     assert meta["io"]["vocab_size"] <= 300
 
 
 def test_lm_resume_is_bitwise_exact(lm):
+    """(the uninterrupted run also evaluated at step 0: an evaluation changes nothing either)"""
     assert sha_of(lm / "runs/part", 8) == sha_of(lm / "runs/full", 8)
 
 

@@ -223,6 +223,7 @@ class TrainerConfig:
     stop_at_step: Optional[int] = None  # end this invocation after this step, checkpointed (resume continues)
     accumulation_steps: int = 1
     eval_every: int = 0  # optimizer steps; 0 = at the end of every epoch
+    eval_at_start: bool = False  # also evaluate before the first step (logged at step 0: a fine-tune's starting point)
     ckpt_every: int = 0  # optimizer steps; 0 = at the end of every epoch
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda means cuda:LOCAL_RANK)
     parallel: str = "ddp"  # under torchrun: ddp | fsdp2 (torch.distributed.fsdp.fully_shard)

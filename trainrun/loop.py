@@ -245,12 +245,14 @@ def measure(model: nn.Module, stream: BatchStream, precision: PrecisionPolicy, d
 def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at: int,
         log: Callable[[int, Dict], None], on_eval: Callable[[Dict[str, float]], None],
         save: Callable[[], None], advance: Callable[[int], None], should_stop: Callable[[], bool],
-        on_step: Optional[Callable[[int, Dict], None]] = None) -> None:
+        on_step: Optional[Callable[[int, Dict], None]] = None, eval_at_start: bool = False) -> None:
     """Train until `stop_at` (<= total_steps), evaluating, checkpointing and logging on their intervals.
 
     `should_stop()` (a signal arrived) checkpoints at the current step boundary and returns early. `on_step(step,
     out)` after every step (user callbacks; it costs a host sync per step, so it is None without them).
     """
+    if eval_at_start and t.state.step == 0:  # the starting point (not a candidate for the best checkpoint)
+        log(0, {"epoch": 0, **evaluate_all(t)})
     t.model.train()
     batches = micro_batches(t)
     loss_acc = torch.zeros((), device=t.device)

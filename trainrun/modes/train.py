@@ -105,7 +105,7 @@ def train_mode(run: Run, t0: float) -> Dict[str, float]:
                                 eval_every=cfg.trainer.eval_every or run.steps_per_epoch,
                                 ckpt_every=cfg.trainer.ckpt_every or run.steps_per_epoch, stop_at=stop_at,
                                 log=logger.log, on_eval=_on_eval(run, logger), save=saver.save,
-                                advance=logger.advance,
+                                advance=logger.advance, eval_at_start=cfg.trainer.eval_at_start,
                                 on_step=profiler.wrap(_on_step(run)) if profiler else _on_step(run),
                                 should_stop=lambda: distributed.any_rank(
                                     stop.requested or trainer.state.stopped_early, run.device))
