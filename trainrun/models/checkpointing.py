@@ -104,12 +104,12 @@ def _statistics_kept(block: nn.Module):
 
 
 @contextmanager
-def _checkpointing_paused(blocks: List[nn.Module]):
-    """Run checkpointed blocks as plain modules for a measurement (their own saved-tensor hooks would hide the
-    tensors the block saves)."""
+def checkpointing_paused(model: nn.Module):
+    """Run the model's checkpointed blocks as plain modules inside the context (a measurement: their own
+    saved-tensor hooks would hide what the blocks save; a benchmark: the same model with and without)."""
     from torch.distributed._composable import checkpoint
 
-    paused = [b for b in blocks if is_checkpointed(b)]
+    paused = [b for b in find_blocks(model) if is_checkpointed(b)]
     for b in paused:
         checkpoint.state(b).enable_hook = False
     try:
@@ -151,7 +151,7 @@ def saved_activation_bytes(model: nn.Module, example: torch.Tensor) -> Dict[str,
     handles += [b.register_forward_hook(lambda *_: state.update(block=None)) for b in blocks]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.random.fork_rng(devices=[]), _checkpointing_paused(blocks), \
+        with torch.random.fork_rng(devices=[]), checkpointing_paused(model), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
             model(example)
     finally:
