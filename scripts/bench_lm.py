@@ -85,7 +85,8 @@ def build_lm(cfg, split):
     from trainrun.seed import seed_everything
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, split.input_shape, split.vocab_size, effective_dropout(cfg.regularization, cfg.model))
+    dropout = effective_dropout(cfg.regularization, cfg.model)
+    model = build_model(cfg.model, split.input_shape, split.vocab_size, dropout)
     apply_init(model, cfg.init, cfg.model.activation, batch=sample_inputs(split.train, cfg.data.batch_size))
     return model, build_optimizer(model, cfg.optimizer, cfg.data.batch_size)
 
