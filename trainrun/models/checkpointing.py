@@ -3,8 +3,9 @@
 Each block gets torch's composable `checkpoint` (torch.distributed._composable): pre/post-forward hooks that run
 the block under non-reentrant torch.utils.checkpoint, so the block keeps only its inputs in forward and recomputes
 the rest in backward. Hooks, not a wrapper module: the module tree and the state_dict keys do not change (a run
-resumes from a checkpoint taken with or without it), and FSDP2's fully_shard composes with it. The RNG state is
-saved and restored around the recomputation, so dropout and stochastic depth draw the same masks twice.
+resumes from a checkpoint taken with or without it); it is the API FSDP2's fully_shard is made to compose with
+(apply it before sharding; not exercised by the tests yet). The RNG state is saved and restored around the
+recomputation, so dropout and stochastic depth draw the same masks twice.
 """
 from __future__ import annotations
 
