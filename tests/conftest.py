@@ -67,21 +67,36 @@ class _Zygote:
 
         with tempfile.TemporaryDirectory(prefix="trainrun-cli-") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            self.proc.stdin.write(json.dumps({**req, "cwd": str(Path(cwd).absolute()), "env": env,
-                                              "stdout": str(out), "stderr": str(err)}) + "\n")
-            self.proc.stdin.flush()
-            pid = json.loads(self.replies.readline())["pid"]
-            rc = self._wait(pid, timeout)
+            self.start(req, cwd, env, out, err)
+            rc = self.finish(timeout)
             return subprocess.CompletedProcess(["trainrun", *req["args"]], rc,
                                                out.read_text(errors="replace"), err.read_text(errors="replace"))
 
-    def _wait(self, pid, timeout) -> int:
+    def start(self, req, cwd, env, out: Path, err: Path) -> int:
+        """Fork the command (its output to the files `out`, `err`); returns the child's pid, which leads its own
+        process group."""
+        self.proc.stdin.write(json.dumps({**req, "cwd": str(Path(cwd).absolute()), "env": env,
+                                          "stdout": str(out), "stderr": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        self.pid = json.loads(self.replies.readline())["pid"]
+        return self.pid
+
+    def finished(self) -> bool:
+        import select
+
+        return bool(select.select([self.replies], [], [], 0)[0])
+
+    def finish(self, timeout, kill_on_timeout: bool = True) -> int:
+        """The started command's exit code; on a timeout its process group is killed (or, with
+        kill_on_timeout=False, left running) and subprocess.TimeoutExpired raised."""
         import select
         import signal
 
         ready, _, _ = select.select([self.replies], [], [], timeout)
         if not ready:
-            os.killpg(pid, signal.SIGKILL)
+            if not kill_on_timeout:
+                raise subprocess.TimeoutExpired(["trainrun"], timeout)
+            os.killpg(self.pid, signal.SIGKILL)
             self.replies.readline()
             raise subprocess.TimeoutExpired(["trainrun"], timeout)
         return json.loads(self.replies.readline())["rc"]
@@ -125,6 +140,81 @@ class _ZygotePool:
 
 
 _ZYGOTES = _ZygotePool()
+
+
+def cli_env(**extra) -> dict:
+    """The environment run_cli gives a command (plus `extra`): a background command started with it is forked from
+    the same zygote as run_cli's commands."""
+    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
+
+
+class CliProcess:
+    """`python -m trainrun ARGS` in the background, for signal and kill tests: a subset of Popen (pid, poll, wait,
+    send_signal, kill, communicate) over a command forked from a zygote when one matches `env` (see
+    trainrun_process), else a fresh process. Either way it leads its own process group (os.killpg(pid, ...)
+    reaches its workers) and its stdout and stderr go to files, read back (and appended to `log`, if given) when it
+    has ended. A forked command is a real process: a signal or SIGKILL acts on it as on a fresh one."""
+
+    def __init__(self, cwd: Path, args, env: Optional[dict] = None, log: Optional[Path] = None):
+        import tempfile
+
+        env = {k: str(v) for k, v in (env if env is not None else cli_env()).items()}
+        self.args, self.log, self.returncode, self.stdout, self.stderr = list(args), log, None, None, None
+        self.tmp = tempfile.TemporaryDirectory(prefix="trainrun-bg-")
+        self.out, self.err = Path(self.tmp.name, "stdout"), Path(self.tmp.name, "stderr")
+        self.zygote = None if os.environ.get("TRAINRUN_TEST_FRESH_PROCESSES") == "1" or not hasattr(os, "fork") \
+            else _ZYGOTES.take(env)
+        if self.zygote is None:
+            with open(self.out, "w") as out, open(self.err, "w") as err:
+                self.proc = subprocess.Popen([sys.executable, "-m", "trainrun", *self.args], cwd=cwd, env=env,
+                                             stdout=out, stderr=err, start_new_session=True)
+            self.pid = self.proc.pid
+        else:
+            try:
+                self.pid = self.zygote.start({"module": "trainrun", "args": self.args}, cwd, env, self.out, self.err)
+            except BaseException:
+                _ZYGOTES.give_back(self.zygote)
+                raise
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            if self.zygote is None:
+                if self.proc.poll() is not None:
+                    self._ended(self.proc.returncode)
+            elif self.zygote.finished():
+                self._ended(self.zygote.finish(0))
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            if self.zygote is None:
+                self._ended(self.proc.wait(timeout))
+            else:
+                self._ended(self.zygote.finish(timeout, kill_on_timeout=False))
+        return self.returncode
+
+    def communicate(self, timeout: Optional[float] = None):
+        self.wait(timeout)
+        return self.stdout, self.stderr
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def _ended(self, rc: int) -> None:
+        if self.zygote is not None:
+            _ZYGOTES.give_back(self.zygote)
+        self.returncode = rc
+        self.stdout, self.stderr = self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
+        self.tmp.cleanup()
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(self.stdout + self.stderr)
 
 
 @pytest.fixture(autouse=True)
