@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, read_jsonl, run_cli, sha_of
+from conftest import FAST, CliProcess, read_jsonl, run_cli, sha_of
 from trainrun import checkpoint as ck
 
-STEPS = 40
+# 30 steps, a checkpoint every step in the kill tests: the seeded kill points (steps 3, 6, 3 and 9) leave 20 or more
+# steps of real work after them; the full-disk test saves at 10, fails at 20 and ends at 30
+STEPS = 30
 TRAIN = ["model=mlp", f"trainer.max_steps={STEPS}", *FAST]  # ~2 s of training on the real digits data
 FINAL = ck.step_name(STEPS)
 
@@ -59,13 +61,6 @@ def _assert_resumable(run: Path) -> Path:
     return latest
 
 
-def _popen(cwd: Path, args, log: Path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    with open(log, "a") as out:  # a file, not a pipe: nothing blocks when nobody reads
-        return subprocess.Popen([sys.executable, "-m", "trainrun", *args], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def test_kill_9_at_random_points_then_resume_matches(reference, tmp_path):
     """SIGKILL once or twice per trial, mostly inside a checkpoint write (one per step); resume; same bytes."""
     _, ref_sha = reference
@@ -83,7 +78,10 @@ def test_kill_9_at_random_points_then_resume_matches(reference, tmp_path):
             target = rng.randint(before + 1, before + 12)
             in_save = rng.random() < 0.75
             delay = rng.uniform(0.0, 0.01 if in_save else 0.06)
-            proc = _popen(tmp_path, [f"run_name={name}" if k == 0 else f"resume=runs/{name}", *args], log)
+            # forked from the pre-imported Python run_cli uses: a real process, killed as one, without the
+            # ~6 s of imports per start (the kill point is a step, never a time)
+            proc = CliProcess(tmp_path, [f"run_name={name}" if k == 0 else f"resume=runs/{name}", *args],
+                              log=log)
             deadline = time.monotonic() + 300  # a hang guard only
 
             def reached() -> bool:
