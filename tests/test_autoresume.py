@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, read_jsonl, run_cli, sha_of
+from conftest import FAST, CliProcess, cli_env, read_jsonl, sha_of, trainrun_process
 from trainrun import checkpoint as ck
 
 STEPS = 40
@@ -24,7 +24,15 @@ AUTO = ["run_name=${oc.env:TRAINRUN_TEST_JOB_ID}", "resume=auto", "checkpoint.as
 
 
 def _env():
-    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "TRAINRUN_TEST_JOB_ID": JOB_ID}
+    """Every command of this file runs in this environment: the first starts fresh, the rest are forked from one
+    pre-imported Python (conftest.CliProcess, trainrun_process)."""
+    return cli_env(TRAINRUN_TEST_JOB_ID=JOB_ID)
+
+
+def _run(cwd: Path, *args: str):
+    p = trainrun_process(args, cwd, _env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
 
 
 def _latest_step(run: Path) -> int:
@@ -36,13 +44,11 @@ def _latest_step(run: Path) -> int:
 
 def _launch_and_stop(cwd: Path, run: Path, target: int, sig: int, log: Path) -> int:
     """The auto command, stopped by `sig` once its latest checkpoint reaches `target`; returns its exit code."""
-    with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "trainrun", *AUTO], cwd=cwd, env=_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = CliProcess(cwd, AUTO, env=_env(), log=log)
     deadline = time.monotonic() + 300  # a hang guard only
     while proc.poll() is None and _latest_step(run) < target and time.monotonic() < deadline:
         time.sleep(0.002)
-    assert proc.poll() is None, f"the run ended before step {target}:\n{log.read_text()[-3000:]}"
+    assert proc.poll() is None, f"the run ended before step {target}:\n{proc.stdout}{proc.stderr}"
     os.killpg(proc.pid, sig)
     return proc.wait(timeout=120)
 
@@ -50,7 +56,7 @@ def _launch_and_stop(cwd: Path, run: Path, target: int, sig: int, log: Path) -> 
 @pytest.fixture(scope="module")
 def requeued(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("auto")
-    run_cli(cwd, "run_name=ref", *TRAIN)  # uninterrupted, synchronous saves
+    _run(cwd, "run_name=ref", *TRAIN)  # uninterrupted, synchronous saves
     run, log = cwd / "runs" / JOB_ID, cwd / "auto.log"
     rng = random.Random(17)
     first, second = rng.randint(8, 16), rng.randint(20, 28)
@@ -59,9 +65,7 @@ def requeued(tmp_path_factory):
     code = _launch_and_stop(cwd, run, second, signal.SIGTERM, log)
     assert code == 128 + signal.SIGTERM, log.read_text()[-3000:]
     stopped_at = _latest_step(run)
-    third = subprocess.run([sys.executable, "-m", "trainrun", *AUTO], cwd=cwd, env=_env(), capture_output=True,
-                           text=True, timeout=600)
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    third = _run(cwd, *AUTO)
     return {"cwd": cwd, "run": run, "log": log.read_text(), "third": third.stdout, "killed_at": killed_at,
             "stopped_at": stopped_at}
 
@@ -83,9 +87,7 @@ def test_the_same_command_killed_twice_ends_with_the_uninterrupted_bytes_in_one_
 
 
 def test_a_completed_run_says_so_and_exits_0(requeued):
-    again = subprocess.run([sys.executable, "-m", "trainrun", *AUTO], cwd=requeued["cwd"], env=_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
+    again = _run(requeued["cwd"], *AUTO)
     assert f"run already complete at step {STEPS}/{STEPS}; nothing to do" in again.stdout
 
 
