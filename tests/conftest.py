@@ -116,7 +116,9 @@ class _ZygotePool:
         self.seen = set()
 
     def take(self, env) -> Optional[_Zygote]:
-        key = tuple(sorted(env.items()))
+        # pytest sets PYTEST_CURRENT_TEST to the test's id and phase, a new value for every test: keyed with it, a
+        # zygote served only the commands of one test. Nothing preloaded reads it; the child gets the command's own.
+        key = tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST"))
         with self.lock:
             if key not in self.seen:
                 self.seen.add(key)
