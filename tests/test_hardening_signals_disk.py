@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, read_jsonl, run_cli
+from conftest import FAST, CliProcess, cli_env, read_jsonl, run_cli, trainrun_process
 from trainrun import checkpoint as ck
 
 SMALL = ["model=mlp", *FAST]
@@ -24,11 +23,10 @@ def _one_error_line(p, code=2):
 
 
 def _patched_cli(cwd: Path, patch: str, *args: str, timeout: int = 300):
-    """The real CLI with one internal function patched (a fault injected at an exact point)."""
+    """The real CLI with one internal function patched (a fault injected at an exact point). Forked from the
+    pre-imported Python like run_cli (each patch replaces a module attribute looked up at call time)."""
     code = f"import sys\n{patch}\nsys.argv = ['trainrun', *{list(args)!r}]\nfrom trainrun.cli import main\nmain()\n"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return trainrun_process([], cwd, cli_env(), timeout, code=code)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,14 +157,12 @@ def test_output_root_without_write_permission(tmp_path, monkeypatch):
 # 26: signals and exit codes
 # ---------------------------------------------------------------------------------------------------------------
 
-def _start_training(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trainrun", "run_name=sig", "trainer.max_steps=100000",
-                             "trainer.ckpt_every=100000", *SMALL, "logger.log_every=1", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start_training(cwd: Path, *args: str) -> CliProcess:
+    return CliProcess(cwd, ["run_name=sig", "trainer.max_steps=100000", "trainer.ckpt_every=100000", *SMALL,
+                            "logger.log_every=1", *args])
 
 
-def _wait_for_training(run: Path, proc: subprocess.Popen, rows: int = 3) -> None:
+def _wait_for_training(run: Path, proc: CliProcess, rows: int = 3) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= rows:
@@ -343,10 +339,8 @@ def test_ctrl_c_before_training_ends_in_one_line(tmp_path):
 
 
 def test_a_signal_ends_a_sweep_with_its_exit_code(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainrun", "-m", "seed=0,1", "sweep_name=sw",
-                             "trainer.max_steps=100000", "trainer.ckpt_every=100000", *SMALL, "logger.log_every=1"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = CliProcess(tmp_path, ["-m", "seed=0,1", "sweep_name=sw", "trainer.max_steps=100000",
+                                 "trainer.ckpt_every=100000", *SMALL, "logger.log_every=1"])
     sweep, deadline = tmp_path / "multirun" / "sw", time.time() + 120
     while not list(sweep.glob("*seed=0*/metrics.jsonl")) and time.time() < deadline:
         time.sleep(0.1)
