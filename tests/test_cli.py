@@ -301,17 +301,14 @@ def test_every_recipe_composes_and_trains_a_few_steps(cli, recipe, request):
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_sigterm_checkpoints_at_a_step_boundary_and_resume_matches(cli, sig):
-    import os
     import signal
-    import subprocess
-    import sys
     import time
+
+    from conftest import CliProcess
 
     common = ["model=mlp", "trainer.max_steps=3000", "trainer.ckpt_every=1000", "trainer.eval_every=1000",
               "logger.progress=lines", "logger.log_every=5"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "trainrun", "run_name=pre", *common], cwd=cli.dir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = CliProcess(cli.dir, ["run_name=pre", *common])  # forked like cli's commands, signalled as a process
     metrics = cli.dir / "runs/pre/metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
