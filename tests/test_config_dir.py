@@ -86,7 +86,8 @@ def test_missing_config_dir_is_one_line(tmp_path):
 
 def test_help_and_listings_show_the_users_options(tmp_path, user_dir):
     p = run_cli(tmp_path, "--config-dir", "myconfigs", "--help")
-    assert "model: broken, cnn, mlp, resnet18, resnet50, timm, torchvision, unet, vit_tiny, wide" in p.stdout
+    assert "model: broken, cnn, gpt, hf_causal_lm, mlp, resnet18, resnet50, timm, torchvision, unet, vit_tiny, wide" \
+        in p.stdout
     assert "mine, mnist5k_student_kd" in p.stdout
     p = list_command(tmp_path, "list_models_main", "--config-dir", "myconfigs")
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in p.stdout.splitlines()

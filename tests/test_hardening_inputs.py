@@ -322,7 +322,8 @@ def test_trainrun_models_prints_the_option_names():
     p = subprocess.run([sys.executable, "-c", "from trainrun.cli import list_models_main; list_models_main()"],
                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     names = set(re.findall(r"^│ (\w+)\s+│", p.stdout, re.M))
-    assert names == {"cnn", "mlp", "resnet18", "resnet50", "timm", "torchvision", "vit_tiny"}, p.stdout
+    assert names == {"cnn", "gpt", "hf_causal_lm", "mlp", "resnet18", "resnet50", "timm", "torchvision", "vit_tiny"}, \
+        p.stdout
 
 
 # ---- 36: extending a run says what happens to the LR curve ----------------------------------------------------

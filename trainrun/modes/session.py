@@ -88,7 +88,27 @@ def _memory_line(run: Run) -> str:
     return (f"memory plan{sharded}{trainable}: {plan['params']:,} params x {plan['bytes_per_param']:.1f} B/param = "
             f"{plan['total'] / mb:.2f} MiB (weights {plan['weights'] / mb:.2f}, grads {plan['grads'] / mb:.2f}, "
             f"optimizer state {plan['optimizer_state'] / mb:.2f}; master copy: {plan['master_copy']}) "
-            "+ activations; measured peak logged as peak_mem_mb")
+            f"+ activations{_activation_estimate(run)}; measured peak logged as peak_mem_mb")
+
+
+def _activation_estimate(run: Run) -> str:
+    """' ~X MiB at batch B' from one training-mode forward of one zero sample (trainrun.models.checkpointing), in
+    the run's autocast; every RNG and buffer as before. Not under torchrun (a lone forward of a sharded or
+    SyncBatchNorm model would wait for the other ranks) nor for a model the zero sample does not fit."""
+    from trainrun.models.checkpointing import activation_bytes_estimate
+
+    cfg = run.cfg
+    if run.info.enabled:
+        return ""
+    devices = [run.device] if run.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), run.precision.autocast():
+            est = activation_bytes_estimate(run.model, run.split.input_shape, cfg.data.batch_size,
+                                            cfg.trainer.activation_checkpointing)
+    except Exception:  # noqa: BLE001  (a user model may take other inputs: the line just has no estimate)
+        return ""
+    how = ", checkpointed per block" if cfg.trainer.activation_checkpointing else ""
+    return f" ~{est / 1024 ** 2:,.1f} MiB at batch {cfg.data.batch_size}{how} (measured on one sample)"
 
 
 def _space_line(run: Run) -> str:
