@@ -219,9 +219,12 @@ def test_composed_options_build_through_trainrun_usercode(faces, regression, exa
 
 @pytest.fixture
 def trainrun_cli(monkeypatch, tmp_path):
-    """`python -m trainrun --config-dir EXAMPLE/configs ARGS` in tmp_path with the example on PYTHONPATH."""
+    """`python -m trainrun --config-dir EXAMPLE/configs ARGS` in tmp_path with the examples on PYTHONPATH (both:
+    every example command of the file has the same environment, so all but the first are forked from one
+    pre-imported Python, see conftest.trainrun_process)."""
     def run(example: Path, *args: str, check: bool = True):
-        paths = [str(example), *filter(None, [os.environ.get("PYTHONPATH")])]
+        assert example in (FACES, REGRESSION)
+        paths = [str(FACES), str(REGRESSION), *filter(None, [os.environ.get("PYTHONPATH")])]
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
         return run_cli(tmp_path, "--config-dir", str(example / "configs"), *args, *CLI_OUTPUT,
                        f"output_root={tmp_path / 'runs'}", check=check)
