@@ -254,6 +254,9 @@ SMOKE = ["data=digits", "data.batch_size=16", "data.num_workers=0", "trainer.max
 # ImageNet recipes keep their whole data pipeline (policy, crop sizes, ra_reps) on a tiny ImageFolder of JPEGs at 32 px;
 # fp32 and 2 ViT blocks here: bf16 autocast on a CPU without native bf16 made these 2 steps take minutes
 IMAGE_RECIPES = ("resnet50_bf16", "resnet50_bf16_smoke", "deit_tiny")
+LM_RECIPES = ("gpt_tiny_stdlib", "gpt_tiny_stdlib_cosine", "gpt_tiny_pydoc_lora")  # text data, not digits
+LM_SMOKE = ["data.max_bytes=40000", "data.block_size=32", "data.batch_size=4", "trainer.max_steps=2",
+            "trainer.eval_every=2", "data.limit_val=8", "model.layers=1", "model.width=32", "model.heads=2"]
 IMAGE_SMOKE = ["data.batch_size=8", "data.num_workers=0", "trainer.max_steps=1", "trainer.eval_every=1",
                "data.limit_val=8", "data.image_size=32", "data.train_crop_size=32", "data.val_resize_size=36",
                "data.val_crop_size=32", "trainer.accumulation_steps=1", "precision=fp32"]
@@ -288,6 +291,8 @@ def test_every_recipe_composes_and_trains_a_few_steps(cli, recipe, request):
     if recipe in IMAGE_RECIPES:
         smoke = [f"data.root={request.getfixturevalue('tiny_jpegs')}", *IMAGE_SMOKE]
         small = ["model.layers=2"] if recipe == "deit_tiny" else []
+    if recipe in LM_RECIPES:  # the LoRA recipe loads gpt_tiny_stdlib's run: here it adapts random weights
+        smoke, small = LM_SMOKE, ["model.weights=null"] if "lora" in recipe else []
     p = cli(f"+recipe={recipe}", *smoke, *small)
     assert "trainrun: finished" in p.stdout
     run = Path(p.stdout.split("run dir:")[1].split()[0])

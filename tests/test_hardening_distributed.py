@@ -25,10 +25,10 @@ import trainrun.loop as loop
 _step = loop.train_step
 
 
-def train_step(t, batches, want_norm):
+def train_step(t, batches, *args, **kwargs):
     if os.environ.get("RANK") == os.environ["FAIL_RANK"] and t.state.step == 2:
         raise RuntimeError("injected failure in the step\\nsecond line")
-    return _step(t, batches, want_norm)
+    return _step(t, batches, *args, **kwargs)
 
 
 loop.train_step = train_step
