@@ -6,6 +6,7 @@ Runs (in the current directory; a finished run is not run again):
   trainrun +recipe=gpt_tiny_stdlib_cosine seed=S
   trainrun +recipe=gpt_tiny_pydoc_lora    (trainer.eval_at_start: its step-0 evaluation is the stdlib model on the
                                           English val blocks, "before"; LoRA's B starts at 0; the final one "after")
+  trainrun +recipe=gpt_tiny_pydoc_lora finetune=off model.weights=null    (the same 300 steps from scratch)
 and prints a markdown table: final val loss and perplexity, tokens/s (median of the logged windows), wall time.
 
     python scripts/lm_table.py [--seeds 0,1]
@@ -78,10 +79,14 @@ def main(argv=None) -> List[Dict[str, object]]:
         train("gpt_tiny_stdlib", "+recipe=gpt_tiny_stdlib", "seed=0")
     after = train("gpt_tiny_pydoc_lora", "+recipe=gpt_tiny_pydoc_lora")
     before = {**after, **after["start"], "tokens_per_s": float("nan"), "wall_s": float("nan")}
+    scratch = train("pydoc_scratch", "+recipe=gpt_tiny_pydoc_lora", "finetune=off", "model.weights=null",
+                    "trainer.eval_at_start=false")
     rows = [row("stdlib code, WSD", "gpt_tiny_stdlib", wsd, "1,200"),
             row("stdlib code, cosine (same budget)", "gpt_tiny_stdlib_cosine", cosine, "1,200"),
             row("pydoc English, before: the stdlib model (step 0)", "gpt_tiny_pydoc_lora", [before], "0"),
-            row("pydoc English, LoRA rank 8", "gpt_tiny_pydoc_lora", [after], "300")]
+            row("pydoc English, LoRA rank 8", "gpt_tiny_pydoc_lora", [after], "300"),
+            row("pydoc English, from scratch (same steps)", "gpt_tiny_pydoc_lora finetune=off model.weights=null",
+                [scratch], "300")]
     print(markdown(rows))
     Path("lm_table.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
