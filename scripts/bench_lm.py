@@ -27,7 +27,6 @@ is recorded: both runners train the same trajectory, so it agrees to float round
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import tempfile
@@ -104,31 +103,15 @@ def lm_val_loss(model, cfg, split) -> float:
 
 
 def run_hand(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
-    """nanoGPT's loop: ctx = autocast(bf16) or nullcontext; loss; backward; step; zero_grad(set_to_none=True)."""
+    """nanoGPT's loop (bench_overhead.hand_loop): autocast(bf16) or nullcontext, the cross-entropy over every
+    position in fp32, backward, step, zero_grad(set_to_none=True)."""
     model, opt = build_lm(cfg, split)
-    x_all, y_all = split.train.x, split.train.y
-    batch, seed, total = cfg.data.batch_size, cfg.seed, warmup + steps
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision.name == "bf16" \
-        else contextlib.nullcontext
-    model.train()
-    step, epoch, t0 = 0, 0, None
-    while step < total:
-        for idx in bo.epoch_batches(len(y_all), batch, seed, epoch):
-            x, y = x_all[idx], y_all[idx]
-            with ctx():
-                logits = model(x)
-                loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step == warmup:
-                t0 = bo.stamp()
-            if step == total:
-                break
-        epoch += 1
-    t1 = bo.stamp()
-    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "val_loss": lm_val_loss(model, cfg, split)}
+
+    def loss_of(logits, y):
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1))
+
+    timing = bo.hand_loop(model, opt, cfg, split, warmup, steps, loss_of)
+    return {**timing, "val_loss": lm_val_loss(model, cfg, split)}
 
 
 def count_lm(cfg, steps: int) -> Dict[str, Dict[str, float]]:

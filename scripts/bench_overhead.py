@@ -195,6 +195,13 @@ def run_trainrun(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
 
 def run_hand(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
     model, opt = fresh_model_and_optimizer(cfg, split)
+    timing = hand_loop(model, opt, cfg, split, warmup, steps, lambda logits, y: F.cross_entropy(logits.float(), y))
+    return {**timing, "val_loss": val_loss(model, cfg, split)}
+
+
+def hand_loop(model, opt, cfg, split, warmup: int, steps: int, loss_of) -> Dict[str, float]:
+    """The minimal hand-written loop (also bench_lm's nanoGPT-style one): the same epoch orders as trainrun, autocast
+    for bf16, loss_of(logits, y), backward, step. Times the steps after `warmup`."""
     x_all, y_all = split.train.x, split.train.y
     batch, seed, total = cfg.data.batch_size, cfg.seed, warmup + steps
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision.name == "bf16" \
@@ -207,8 +214,7 @@ def run_hand(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             with autocast():
                 logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            loss.backward()
+            loss_of(logits, y).backward()
             opt.step()
             step += 1
             if step == warmup:
@@ -217,7 +223,7 @@ def run_hand(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
                 break
         epoch += 1
     t1 = stamp()
-    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1], "val_loss": val_loss(model, cfg, split)}
+    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1]}
 
 
 def run_lightning(cfg, split, warmup: int, steps: int, **trainer_kw) -> Dict[str, Any]:
