@@ -164,10 +164,7 @@ def run_count(configs: List[str], precisions: List[str], quick: bool, max_bytes:
             overrides = overrides_for(spec, prec, batch, block, 10 ** 6, max_bytes)
             counts = count_lm(bo.compose(overrides + [f"data.limit_train={batch * COUNT_STEPS}"]), COUNT_STEPS)
             record["results"].append({"config": cname, "precision": prec, "per_step": counts})
-            hand = counts["hand"]
-            for name, c in counts.items():
-                rows.append([cname, prec, name, f"{c['aten_ops']:.1f}", f"{c['aten_ops'] - hand['aten_ops']:+.1f}",
-                             f"{c['python_calls']:.0f}", f"{c['python_calls'] - hand['python_calls']:+.0f}"])
+            rows.extend(bo.count_rows(cname, prec, counts))
     print(bu.table(["config", "precision", "loop", "ATen ops/step", "vs hand", "Python calls/step", "vs hand"], rows))
 
 

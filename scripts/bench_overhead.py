@@ -386,11 +386,16 @@ def run_count(configs: List[str], precisions: List[str], quick: bool, record: Di
             cfg = compose(trainrun_overrides(spec, prec, spec["batch"], 10 ** 6))
             counts = count_loops(cfg, 5 if quick else min(50, spec["steps"]))
             record["results"].append({"config": cname, "precision": prec, "per_step": counts})
-            hand = counts["hand"]
-            for name, c in counts.items():
-                rows.append([cname, prec, name, f"{c['aten_ops']:.1f}", f"{c['aten_ops'] - hand['aten_ops']:+.1f}",
-                             f"{c['python_calls']:.0f}", f"{c['python_calls'] - hand['python_calls']:+.0f}"])
+            rows.extend(count_rows(cname, prec, counts))
     print(bu.table(["config", "precision", "loop", "ATen ops/step", "vs hand", "Python calls/step", "vs hand"], rows))
+
+
+def count_rows(cname: str, prec: str, counts: Dict[str, Dict[str, float]]) -> List[List[str]]:
+    """Table rows of per-step counts, each with its difference from the hand loop's."""
+    hand = counts["hand"]
+    return [[cname, prec, name, f"{c['aten_ops']:.1f}", f"{c['aten_ops'] - hand['aten_ops']:+.1f}",
+             f"{c['python_calls']:.0f}", f"{c['python_calls'] - hand['python_calls']:+.0f}"]
+            for name, c in counts.items()]
 
 
 def run_variant(name: str, base_overrides: List[str], split, warmup: int, steps: int, cfgs: Dict) -> Dict[str, Any]:
