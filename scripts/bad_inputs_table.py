@@ -172,6 +172,12 @@ CASES = [
     ("sharded checkpoints in one process", ["checkpoint.format=sharded"], None, False),
     ("EMA on an interval with the decay warmup", ["regularization.ema_decay=0.99", "regularization.ema_every=4",
                                                   "regularization.ema_adjust=reference"], None, False),
+    ("text data with a classification task", ["data=text"], None, False),
+    ("a causal LM on image data", ["task=causal_lm", "model=gpt"], None, False),
+    ("missing text corpus", ["task=causal_lm", "data=text", "model=gpt", "data.root=nowhere.txt"], None, False),
+    ("text blocks of 0 tokens", ["task=causal_lm", "data=text", "model=gpt", "data.block_size=0"], None, False),
+    ("mode=generate from a classifier run", ["mode=generate", "resume=runs/ok"], None, True),
+    ("generation with a negative temperature", ["mode=generate", "resume=runs/ok", "temperature=-1"], None, True),
 ]
 
 
