@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, CliProcess, cli_env, read_jsonl, run_cli, trainrun_process
+from conftest import FAST, CliProcess, cli_env, run_cli, trainrun_process
 from trainrun import checkpoint as ck
 
 SMALL = ["model=mlp", *FAST]

@@ -24,7 +24,7 @@ from trainrun.callbacks import Callbacks
 from trainrun.data import BatchStream, build_split, sample_inputs
 from trainrun.data.curriculum import Curriculum, score_samples
 from trainrun.distill import Distiller, load_teacher
-from trainrun.doctor import Doctor, SummedLoss, permute_labels
+from trainrun.doctor import Doctor, permute_labels
 from trainrun.errors import ConfigError
 from trainrun.init import apply_init
 from trainrun.logging import trim_metrics
