@@ -93,6 +93,41 @@ def test_skip_policy_skips_the_update_and_halts_after_too_many_in_a_row():
         _step(doc, pol, model, opt, bad, y, 5)
 
 
+def test_fused_check_catches_a_non_finite_gradient_behind_a_finite_loss_on_unlogged_steps():
+    """Steps without a norm from the loop (not log steps) are checked by one fused inf/NaN test of the gradients:
+    a NaN gradient with a finite loss is caught at its own step, reported with its norm, and the check's flag is
+    cleared so the next healthy step goes through."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    doc, pol, said = _doctor(model, nan_guard="skip", max_consecutive_skips=3)
+    poison = [False]
+    model.weight.register_hook(lambda g: g * float("nan") if poison[0] else g)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def step(n):
+        opt.zero_grad(set_to_none=True)
+        doc.begin_step(n)
+        doc.watch(x, y, torch.arange(len(y)))
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        apply = doc.end_step(loss.detach(), None, None, list(model.parameters()))
+        pol.update(opt, apply)
+        doc.after_update()
+        return apply, doc.step_loss
+
+    assert step(1) == (True, pytest.approx(nn.functional.cross_entropy(model(x), y).item(), abs=1.0))
+    before = model.weight.detach().clone()
+    poison[0] = True
+    applied, loss_v = step(2)
+    assert not applied and math.isfinite(loss_v) and doc.skipped == [2]
+    assert torch.equal(model.weight, before)
+    assert any("non-finite gradient norm (nan)" in line for line in said), said
+    poison[0] = False
+    assert step(3)[0] and doc.skipped == [2]  # the flag was cleared
+    assert [h[0] for h in doc.history] == [1, 3] and all(math.isnan(h[2]) for h in doc.history)
+
+
 def test_fp16_scale_collapse_is_reported_as_such_with_bf16_advice():
     """Gradients that overflow fp16 even unscaled: GradScaler halves the scale every step until it is < 1."""
     torch.manual_seed(0)

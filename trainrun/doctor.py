@@ -170,6 +170,10 @@ class Doctor:
         self._had_state: Dict = {}
         self._optimizer = self._rewind = None
         self._snap_count = -1
+        self.step_loss: Optional[float] = None  # the step's loss, read to the host by the guard (step mode, CPU)
+        self._on_host: Optional[bool] = None  # step mode, one CPU process, no scaler: `_read_on_host`
+        self._found_inf = None  # the fused finite check's flag (see _grads_finite); False: not usable
+        self._one: Optional[torch.Tensor] = None
         # A bad step's forward has already moved BatchNorm's running statistics (NaN in, NaN out): the buffers
         # are copied at every step start (one fused copy) and put back on a bad step, so a skipped step leaves no
         # trace and the .badstep checkpoint holds the true state before the step.
@@ -192,6 +196,7 @@ class Doctor:
         """`step` is the 1-based optimizer step about to run; called right after the loop's zero_grad."""
         self._step = step
         self._batches = []
+        self.step_loss = None
         if self._buffers:
             if self.pending is not None:  # keep the statistics from before the pending step
                 if not self._buffer_prev:
@@ -238,8 +243,9 @@ class Doctor:
         """Gradients are unscaled (and clipped), the optimizer has not stepped. Returns whether to apply the update;
         raises TrainingHalted under nan_guard=halt. The one host sync of a healthy step happens here (deferred:
         in `resolve`, one step later). `norm`: the global gradient norm where the loop computed one (log steps,
-        clipping); otherwise the per-tensor norms of `params`' gradients travel with the loss in one tensor and the
-        global norm is summed on the host. `position`: the trainer's (step, epoch, batch_in_epoch, samples) now,
+        clipping); otherwise one CPU process checks the gradients by a fused inf/NaN test (`_read_on_host`), and
+        elsewhere the per-tensor norms of `params`' gradients travel with the loss in one tensor and the global norm
+        is summed on the host. `position`: the trainer's (step, epoch, batch_in_epoch, samples) now,
         where a deferred bad step's .badstep dump is taken from."""
         if self._stats_row is None and self.probe_every and self.is_probe_step(self._step):
             if norm is None:
@@ -248,7 +254,14 @@ class Doctor:
         if not self.guard:
             self._clear_hooks()
             return True
-        parts = [loss.detach().float()]
+        if self._on_host is None:  # decided once per run (arm() resets it)
+            self._on_host = not self.deferred and self.precision.scale_tensor() is None and self.world == 1 \
+                and loss.device.type == "cpu"
+        if self._on_host:
+            return self._judge(*self._read_on_host(loss, norm, params), False)
+        loss = loss.detach() if loss.requires_grad else loss
+        scale = self.precision.scale_tensor()
+        parts = [loss.float()]
         if norm is not None:
             parts.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
         else:
@@ -259,7 +272,6 @@ class Doctor:
                 norm = total_norm(grads)
                 parts.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
         norms = len(parts) - 1
-        scale = self.precision.scale_tensor()
         if scale is not None:
             parts.append(scale.float().reshape(()))
         vals = torch.stack(parts)
@@ -270,6 +282,35 @@ class Doctor:
             self._defer(vals, norms, position)
             return True
         return self._judge(_host_values(vals.tolist(), norms), norms > 0, scale is not None)
+
+    def _read_on_host(self, loss: torch.Tensor, norm: Optional[torch.Tensor],
+                      params: Sequence[torch.Tensor]) -> Tuple[List[float], bool]:
+        """One CPU process, no scaler: the step's loss and gradient verdict with the fewest ops. Without a norm from
+        the loop, the gradients are checked for inf/NaN by one fused op (GradScaler's own check, unscaling by
+        exactly 1) instead of a norm per tensor; the norm is then computed only on a bad step, for its report.
+        Returns ([loss, (global norm)], whether the norm is there), as `_judge` takes them."""
+        loss_v = self.step_loss = loss.item()  # two .item() reads cost less on the CPU than stacking them first
+        if norm is not None:
+            return [loss_v, (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()], True
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not self._grads_finite(grads):
+            return [loss_v, float(total_norm(grads))], True
+        return [loss_v], False
+
+    def _grads_finite(self, grads: List[torch.Tensor]) -> bool:
+        if self._found_inf is None:
+            g = grads[0]
+            fused = all(type(t) is torch.Tensor and t.layout == torch.strided and t.device == g.device
+                        and t.is_floating_point() for t in grads)
+            self._found_inf = torch.zeros((), device=g.device) if fused else False
+            self._one = torch.ones((), device=g.device)
+        if self._found_inf is False:  # sparse or spread over devices: the plain norm
+            return math.isfinite(float(total_norm(grads)))
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
+        if self._found_inf.item() == 0:  # set to 1 by a non-finite value, never reset by the op itself
+            return True
+        self._found_inf.zero_()
+        return False
 
     def _judge(self, got: List[float], has_norm: bool, scaler_on: bool) -> bool:
         """The verdict on the step's loss, gradient norm and loss scale (host numbers)."""
@@ -302,6 +343,7 @@ class Doctor:
         what `begin_step` was given, for the .badstep dump of a step found bad one step late."""
         self._optimizer, self._rewind, self.armed = optimizer, rewind, True
         self.deferred = self.guard and guard_sync_mode(self.cfg, self.precision, ema) == "deferred"
+        self._on_host = None
 
     def _defer(self, vals: torch.Tensor, norms: int, position: Optional[Tuple]) -> None:
         """Keep the verdict on the device; copy the weights and optimizer state the update is about to change."""

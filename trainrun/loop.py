@@ -132,7 +132,7 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool, want_sums: bool =
             batch_sums = t.task.train_sums(logits, y)
             sums = batch_sums if sums is None else {k: sums[k] + v for k, v in batch_sums.items()}
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        n += len(y)
+        n += y.shape[0]
     if doc is not None and doc.pending is not None:
         doc.resolve()
     norm = t.precision.unscale_and_clip(t.optimizer, t.params, clip_norm=t.clip_norm,
@@ -150,7 +150,9 @@ def train_step(t: Trainer, batches: Iterator, want_norm: bool, want_sums: bool =
     t.state.step += 1
     t.state.samples += n
     t.schedule.apply(t.optimizer, t.state.step)
-    out = {"loss": mean_loss, "sums": sums, "n": n, "skipped": not apply}
+    # the guard may have read the loss to the host already: then fit sums it there (no device accumulator op)
+    out = {"loss": mean_loss, "loss_value": doc.step_loss if doc is not None else None, "sums": sums, "n": n,
+           "skipped": not apply}
     if norm is not None:
         out["grad_norm"] = norm
     return out
@@ -255,8 +257,8 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         log(0, {"epoch": 0, **evaluate_all(t)})
     t.model.train()
     batches = micro_batches(t)
-    loss_acc = torch.zeros((), device=t.device)
-    seen, steps_in_window, norm = 0, 0, None
+    loss_acc = torch.zeros((), device=t.device)  # the window's loss sum where the guard did not read it already
+    host_loss, on_device, seen, steps_in_window, norm = 0.0, False, 0, 0, None
     window_start = time.perf_counter()
     while t.state.step < stop_at:
         if t.before_step is not None:
@@ -266,7 +268,11 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         # cost a few tensor ops per step for a number shown once per window (train/loss is the window's mean)
         out = train_step(t, batches, want_norm=is_log_step, want_sums=is_log_step)
         if not out["skipped"]:
-            loss_acc += out["loss"]
+            if out["loss_value"] is not None:
+                host_loss += out["loss_value"]
+            else:
+                loss_acc += out["loss"]
+                on_device = True
             seen += out["n"]
             steps_in_window += 1
         norm = out.get("grad_norm", norm)
@@ -278,8 +284,10 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             _settle(t)
             sums, sums_n = ({}, 0) if out["skipped"] else (dict(out["sums"] or {}), out["n"])
             if t.world > 1:  # sums over ranks: the same numbers one process with the global batch logs
+                loss_acc += host_loss
+                host_loss, on_device = 0.0, True
                 seen, sums_n = _reduce_window(t, loss_acc, sums, seen, sums_n)
-            loss = float(loss_acc) / max(1, steps_in_window)  # the one host sync per log interval
+            loss = (host_loss + (float(loss_acc) if on_device else 0.0)) / max(1, steps_in_window)
             if loss != loss or loss in (float("inf"), float("-inf")):  # only reachable with doctor.nan_guard=off
                 raise TrainingHalted(f"non-finite training loss ({loss}) in the {steps_in_window} steps up to step "
                                      f"{step}; re-run with doctor.nan_guard=halt to find the step and the layer, "
@@ -296,8 +304,9 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             if t.precision.scaler.is_enabled():
                 metrics["loss_scale"] = t.precision.scaler.get_scale()
             log(step, metrics)
-            loss_acc.zero_()
-            seen, steps_in_window = 0, 0
+            if on_device:
+                loss_acc.zero_()
+            host_loss, on_device, seen, steps_in_window = 0.0, False, 0, 0
             window_start = time.perf_counter()
         else:
             advance(step)
