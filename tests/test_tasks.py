@@ -187,3 +187,32 @@ def test_task_metrics_reduce_across_ranks_as_one_process_computes_them(tmp_path)
         a = [r[key] for r in rows["ddp"] if key in r]
         b = [r[key] for r in rows["one"] if key in r]
         assert len(a) == 2 and a == pytest.approx(b, rel=1e-5), key
+
+
+def test_classification_calls_plain_cross_entropy_directly_with_the_same_result():
+    """The task calls F.cross_entropy itself for a plain nn.CrossEntropyLoss (bitwise the module's value, for class
+    indices and MixUp's probability targets, with label smoothing and ignore_index) and the module itself
+    otherwise (class weights, hooks), and follows a replaced loss_fn."""
+    from trainrun.regularization import WeightedCrossEntropy
+    from trainrun.tasks.classification import direct_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 5, dtype=torch.bfloat16), torch.randint(0, 5, (16,))
+    y[3] = -100
+    probs = torch.softmax(torch.randn(16, 5), 1)
+    for module in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100),
+                   nn.CrossEntropyLoss(reduction="sum")):
+        task = Classification(None, module, (5,))
+        assert not isinstance(direct_loss(module), nn.Module)
+        for target in (y, probs):
+            if target is y or module.reduction == "mean":
+                t = target if target is probs or module.ignore_index == -100 else target.clamp(min=0)
+                assert torch.equal(task.loss(logits, t), module(logits.float(), t))
+    weighted = WeightedCrossEntropy(weight=torch.rand(5))
+    hooked = nn.CrossEntropyLoss()
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert direct_loss(weighted) is weighted and direct_loss(hooked) is hooked
+    task = Classification(None, nn.CrossEntropyLoss(), (5,))
+    plain = task.loss(logits, y.clamp(min=0))
+    task.loss_fn = hooked
+    assert torch.equal(task.loss(logits, y.clamp(min=0)), plain * 2)

@@ -107,6 +107,7 @@ def resolve_warmup(cfg, total_steps: int, steps_per_epoch: int) -> int:
 class Schedule:
     def __init__(self, cfg, total_steps: int, steps_per_epoch: int, monitor_mode: str = "max"):
         self.name = cfg.name
+        self._fn: Optional[Callable] = None  # SCHEDULES' function for `name`, looked up once
         self._set_horizon(cfg, getattr(cfg, "total_steps", None) or total_steps, steps_per_epoch)
         wanted = requested_warmup(cfg, self.total, steps_per_epoch)
         if wanted > self.total:
@@ -149,7 +150,9 @@ class Schedule:
     # ----- the LR as a function of the step -----------------------------------------------------------------
 
     def multiplier(self, t: int) -> float:
-        return SCHEDULES.get(self.name)(self, t)
+        if self._fn is None:
+            self._fn = SCHEDULES.get(self.name)
+        return self._fn(self, t)
 
     def _polynomial(self, t: int) -> float:
         """transformers' lambda with lr_init = 1 and lr_end = min_lr_ratio.
