@@ -25,6 +25,16 @@ def median(xs: Iterable[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The q-quantile of xs by linear interpolation (statistics.quantiles' 'inclusive' method)."""
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
+
 def summary(xs: Sequence[float]) -> Dict[str, Any]:
     """median, min, max and the relative spread (max-min)/median of a list of repetitions."""
     xs = list(xs)

@@ -36,7 +36,9 @@ import argparse
 import contextlib
 import gc
 import logging
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -123,14 +125,20 @@ def stamp() -> Tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def window(marks: List, warmup: int, steps: int) -> Dict[str, float]:
-    """Wall and CPU seconds between the timestamps of step `warmup` and step `warmup + steps`."""
+def window(marks: List, warmup: int, steps: int, block: int = 10) -> Dict[str, float]:
+    """Wall and CPU seconds between the timestamps of step `warmup` and step `warmup + steps`, and the median wall
+    seconds per step over consecutive `block`-step blocks of that window. Each block holds one log step (trainrun's
+    and Lightning's log_every is 10), so the block median keeps the logging cost and drops the bursts a shared
+    machine adds to some blocks, which move the whole-window figure by 10-30%."""
     at = {step: t for step, t in marks}
     if warmup not in at or warmup + steps not in at:
         raise RuntimeError(f"missing step timestamps (have steps {sorted(at)[:3]}..{sorted(at)[-3:]}); "
                            "did trainrun's logger interface change?")
     (w0, c0), (w1, c1) = at[warmup], at[warmup + steps]
-    return {"seconds": w1 - w0, "cpu_seconds": c1 - c0}
+    blocks = [(at[b + block][0] - at[b][0]) / block for b in range(warmup, warmup + steps - block + 1, block)
+              if b in at and b + block in at]
+    return {"seconds": w1 - w0, "cpu_seconds": c1 - c0,
+            "block_s_per_step": statistics.median(blocks) if blocks else (w1 - w0) / steps}
 
 
 def val_loss(model, cfg, split) -> float:
@@ -201,13 +209,13 @@ def run_hand(cfg, split, warmup: int, steps: int) -> Dict[str, Any]:
 
 def hand_loop(model, opt, cfg, split, warmup: int, steps: int, loss_of) -> Dict[str, float]:
     """The minimal hand-written loop (also bench_lm's nanoGPT-style one): the same epoch orders as trainrun, autocast
-    for bf16, loss_of(logits, y), backward, step. Times the steps after `warmup`."""
+    for bf16, loss_of(logits, y), backward, step. Times the steps after `warmup` (see `window`)."""
     x_all, y_all = split.train.x, split.train.y
     batch, seed, total = cfg.data.batch_size, cfg.seed, warmup + steps
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision.name == "bf16" \
         else contextlib.nullcontext
     model.train()
-    step, epoch, t0 = 0, 0, None
+    step, epoch, marks = 0, 0, []
     while step < total:
         for idx in epoch_batches(len(y_all), batch, seed, epoch):
             x, y = x_all[idx], y_all[idx]
@@ -217,13 +225,12 @@ def hand_loop(model, opt, cfg, split, warmup: int, steps: int, loss_of) -> Dict[
             loss_of(logits, y).backward()
             opt.step()
             step += 1
-            if step == warmup:
-                t0 = stamp()
+            if step >= warmup:  # a timestamp per step, as the other runners take them
+                marks.append((step, stamp()))
             if step == total:
                 break
         epoch += 1
-    t1 = stamp()
-    return {"seconds": t1[0] - t0[0], "cpu_seconds": t1[1] - t0[1]}
+    return window(marks, warmup, steps)
 
 
 def run_lightning(cfg, split, warmup: int, steps: int, **trainer_kw) -> Dict[str, Any]:
@@ -362,7 +369,7 @@ def count_loops(cfg, steps: int) -> Dict[str, Dict[str, float]]:
         def fn(n):
             t.doctor = doctor if sync else None
             if doctor is not None and sync:
-                doctor.deferred = sync == "deferred"
+                doctor.deferred, doctor._on_host = sync == "deferred", None
             t.state.step = 0
             loop.fit(t, log_every=cfg.logger.log_every, eval_every=10 ** 9, ckpt_every=10 ** 9, stop_at=n,
                      log=lambda s, m: None, on_eval=lambda m: None, save=lambda: None, advance=lambda s: None,
@@ -408,6 +415,97 @@ def run_variant(name: str, base_overrides: List[str], split, warmup: int, steps:
         return run_lightning(cfgs["_base"], split, warmup, steps, **extra)
 
 
+# ---------------------------------------------------------------------------------------------------- --paired
+
+PAIRED = {"mlp_digits": (200, 30, 1), "resnet18_32px": (10, 4, 1)}  # chunk steps, repetitions, (quick: reps)
+PAIRED_VARIANTS = ("hand", "hand_check", "trainrun", "trainrun_noguard")
+
+
+def paired_loops(cfg, run_dir: Path) -> Tuple[Dict[str, Any], List]:
+    """In one process, on one built model and optimizer: name -> fn(n) that trains n more steps and stamps each.
+    hand: the hand loop; hand_check: the hand loop plus the exact per-step gradient check at its cheapest (one
+    fused inf/NaN test of all gradients and the loss read to the host: the floor of any per-step guard);
+    trainrun / trainrun_noguard: `loop.fit` with the run's real logger (metrics.jsonl, console lines every 10)."""
+    from trainrun import loop
+    from trainrun.build import build
+    from trainrun.logging import RunLogger
+
+    with silenced():
+        run = build(cfg, run_dir)
+        logger = RunLogger(cfg.logger, run_dir, run.total, 0, {}, None)
+    t, doctor, marks = run.trainer, run.trainer.doctor, []
+    x_all, y_all, batch = t.train.ds.x, t.train.ds.y, cfg.data.batch_size
+    orders = [epoch_batches(len(y_all), batch, cfg.seed, e) for e in range(2)]
+    autocast, found, one = t.precision.autocast, torch.zeros(()), torch.ones(())
+
+    def hand(n, check=False):
+        for i in range(n):
+            idx = orders[(i // len(orders[0])) % 2][i % len(orders[0])]
+            x, y = x_all[idx], y_all[idx]
+            t.optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                logits = t.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            if check:
+                torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in t.params], found, one)
+                if found.item() or not math.isfinite(loss.item()):
+                    raise RuntimeError("non-finite step in the benchmark")
+            t.optimizer.step()
+            marks.append(time.perf_counter())
+
+    def fit(n, guard=True):
+        t.doctor = doctor if guard else None
+        with silenced():
+            loop.fit(t, log_every=cfg.logger.log_every, eval_every=10 ** 9, ckpt_every=10 ** 9,
+                     stop_at=t.state.step + n, log=lambda s, m: (logger.log(s, m), marks.append(time.perf_counter())),
+                     on_eval=lambda m: None, save=lambda: None, should_stop=lambda: False,
+                     advance=lambda s: (logger.advance(s), marks.append(time.perf_counter())))
+        t.doctor = doctor
+
+    fns = {"hand": hand, "hand_check": lambda n: hand(n, True), "trainrun": fit,
+           "trainrun_noguard": lambda n: fit(n, False)}
+    return fns, marks
+
+
+def run_paired(cname: str, prec: str, quick: bool, record: Dict[str, Any]) -> List[List[str]]:
+    """Chunks of `chunk` steps of each variant in turn (hand, hand_check, trainrun, ... hand, ...), on one model:
+    adjacent chunks share the machine's state, so the per-chunk ratios to the hand chunk just before are much
+    steadier than whole-run repetitions minutes apart. Also the 25th percentile and median of 10-step block
+    times (each block holds one of trainrun's log steps)."""
+    spec = CONFIGS[cname]
+    chunk, reps, quick_reps = PAIRED[cname]
+    reps = quick_reps if quick else reps
+    cfg = compose(trainrun_overrides(spec, prec, spec["quick"][0] if quick else spec["batch"], 10 ** 8))
+    with tempfile.TemporaryDirectory(prefix="bench-paired-") as d:
+        fns, marks = paired_loops(cfg, Path(d))
+        for fn in fns.values():  # warm-up: optimizer state, lazily built lists, allocator
+            fn(10)
+        blocks: Dict[str, List[float]] = {k: [] for k in fns}
+        chunks: Dict[str, List[float]] = {k: [] for k in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                marks.clear()
+                fn(chunk)
+                blocks[name] += [(marks[i + 10] - marks[i]) / 10 for i in range(0, chunk - 10, 10)] or \
+                    [(marks[-1] - marks[0]) / max(1, chunk - 1)]
+                chunks[name].append((marks[-1] - marks[0]) / max(1, chunk - 1))
+    q = {k: (bu.quantile(v, 0.25), statistics.median(v)) for k, v in blocks.items()}
+    res = {"config": cname, "precision": prec, "chunk_steps": chunk, "reps": reps,
+           "block_s_per_step": {k: bu.summary(v) for k, v in blocks.items()},
+           "chunk_s_per_step": {k: bu.summary(v) for k, v in chunks.items()}}
+    rows = []
+    for name in fns:
+        paired = [h / c for h, c in zip(chunks["hand"], chunks[name])]
+        res[f"paired_ratio_{name}_over_hand"] = bu.summary(paired)
+        rows.append([cname, prec, name, f"{1000 * q[name][0]:.3f}", f"{q['hand'][0] / q[name][0]:.3f}",
+                     f"{1000 * q[name][1]:.3f}", f"{q['hand'][1] / q[name][1]:.3f}",
+                     f"{statistics.median(paired):.3f} ({bu.quantile(paired, 0.25):.3f}-"
+                     f"{bu.quantile(paired, 0.75):.3f})"])
+    record["results"].append(res)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -431,6 +529,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every config's measured steps")
     ap.add_argument("--count", action="store_true",
                     help="count ATen ops and Python calls per step (hand loop vs trainrun) instead of timing")
+    ap.add_argument("--paired", action="store_true",
+                    help="in one process: trainrun's loop and the hand loop in alternating chunks on one model "
+                         "(steadier on a shared machine than whole runs)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
@@ -461,6 +562,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    "variants": {r: {"runner": VARIANTS[r][0], "extra": VARIANTS[r][1], "env": VARIANTS[r][2]}
                                 for r in runners}, "results": []})
     t_start = time.perf_counter()
+    if args.paired:
+        rows = [row for c in configs for prec in precisions for row in run_paired(c, prec, args.quick, record)]
+        print(bu.table(["config", "precision", "loop", "ms/step (q25 of 10-step blocks)", "x hand",
+                        "ms/step (median block)", "x hand", "x hand, paired chunks: median (IQR)"], rows))
+        out = bu.write_json(args.out or bu.default_out(name + ".paired", args.quick), record)
+        print(f"raw numbers: {out}")
+        return record
     if args.count:
         run_count(configs, precisions, args.quick, record)
         out = bu.write_json(args.out or bu.default_out(name + ".count", args.quick), record)
@@ -480,6 +588,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             split = build_split(cfgs["_base"].data)
             per: Dict[str, List[float]] = {r: [] for r in runners}
             per_cpu: Dict[str, List[float]] = {r: [] for r in runners}
+            per_block: Dict[str, List[float]] = {r: [] for r in runners}
             vl: Dict[str, List[Optional[float]]] = {r: [] for r in runners}
             for rep in range(reps):
                 for r in runners:  # interleaved: A B C A B C ...
@@ -487,6 +596,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     out = run_variant(r, overrides, split, warmup, steps, cfgs)
                     per[r].append(steps / out["seconds"])
                     per_cpu[r].append(steps / out["cpu_seconds"])
+                    per_block[r].append(1 / out["block_s_per_step"])
                     vl[r].append(out["val_loss"])
                     print(f"  {cname} {prec} rep {rep + 1}/{reps} {r}: {steps / out['seconds']:.2f} steps/s",
                           file=sys.stderr, flush=True)
@@ -495,12 +605,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                    "steps_per_s": {r: bu.summary(v) for r, v in per.items()},
                                    "ms_per_step": {r: bu.summary([1000 / x for x in v]) for r, v in per.items()},
                                    "steps_per_cpu_s": {r: bu.summary(v) for r, v in per_cpu.items()},
+                                   "steps_per_s_block_median": {r: bu.summary(v) for r, v in per_block.items()},
                                    "cpu_ms_per_step": {r: bu.summary([1000 / x for x in v]) for r, v in per_cpu.items()},
                                    "final_val_loss": vl}
             for r in runners:
                 if r != "hand" and "hand" in per:
                     res[f"ratio_{r}_over_hand"] = bu.summary([a / b for a, b in zip(per[r], per["hand"])])
                     res[f"extra_ms_{r}_vs_hand"] = bu.summary([1000 / a - 1000 / b for a, b in zip(per[r], per["hand"])])
+                    res[f"block_ratio_{r}_over_hand"] = bu.summary([a / b for a, b in zip(per_block[r],
+                                                                                          per_block["hand"])])
                     res[f"cpu_ratio_{r}_over_hand"] = bu.summary([a / b for a, b in zip(per_cpu[r], per_cpu["hand"])])
                     res[f"extra_cpu_ms_{r}_vs_hand"] = bu.summary([1000 / a - 1000 / b for a, b in
                                                                     zip(per_cpu[r], per_cpu["hand"])])
@@ -526,7 +639,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         "x hand (CPU)", "extra CPU ms/step vs hand"], trows))
     else:
         headers = ["config", "precision", "batch", "steps"] + [f"{r} steps/s" for r in runners] + \
-            [f"{r}/hand" for r in ratio_runners] + [f"{r}/hand (CPU time)" for r in ratio_runners]
+            [f"{r}/hand" for r in ratio_runners] + [f"{r}/hand (10-step block median)" for r in ratio_runners] + \
+            [f"{r}/hand (CPU time)" for r in ratio_runners]
         trows = []
         for res in rows:
             sp = res["steps_per_s"]
@@ -534,6 +648,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                           f"{res['warmup_steps']}+{res['measured_steps']}"]
                          + [bu.med_range(sp[r]) for r in runners]
                          + [bu.med_range(res[f"ratio_{r}_over_hand"]) for r in ratio_runners]
+                         + [bu.med_range(res[f"block_ratio_{r}_over_hand"]) for r in ratio_runners]
                          + [bu.med_range(res[f"cpu_ratio_{r}_over_hand"]) for r in ratio_runners])
         print(bu.table(headers, trows))
     same = []

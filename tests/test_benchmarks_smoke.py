@@ -49,9 +49,24 @@ def test_overhead_counts_ops_and_calls_per_step(bench, tmp_path):
     assert json.loads(out.read_text())["results"][0]["per_step"] == counts
     hand, guard, off = counts["hand"], counts["trainrun (guard, step)"], counts["trainrun (no guard)"]
     assert hand["aten_ops"] > 50 and hand["python_calls"] > 100
-    # the guard's global grad norm (a fused per-tensor norm, their stack, the vector norm) and the verdict's stack
-    assert guard["aten_ops"] - off["aten_ops"] >= 3 and guard["python_calls"] > off["python_calls"]
+    # the guard's fused inf/NaN check of the gradients and its two .item() reads, less the device loss accumulator
+    # (the guard's host value is summed instead) on the steps between log steps
+    assert guard["aten_ops"] - off["aten_ops"] >= 1 and guard["python_calls"] > off["python_calls"]
     assert counts["trainrun (guard, deferred)"]["aten_ops"] >= guard["aten_ops"]  # + the pre-update copy
+
+
+def test_overhead_paired_chunks_compare_the_loops_in_one_process(bench, tmp_path, capsys):
+    """--paired: trainrun's fit (with its real logger) and the hand loop alternate on one model in one process."""
+    out = tmp_path / "p.json"
+    rec = bench("bench_overhead").main(["--paired", "--quick", "--configs", "mlp_digits", "--precisions", "fp32",
+                                        "--out", str(out)])
+    res = rec["results"][0]
+    assert json.loads(out.read_text())["results"][0]["config"] == "mlp_digits"
+    for name in ("hand", "hand_check", "trainrun", "trainrun_noguard"):
+        assert res["block_s_per_step"][name]["median"] > 0
+        assert res[f"paired_ratio_{name}_over_hand"]["n"] == res["reps"]
+    assert res["paired_ratio_hand_over_hand"]["median"] == 1.0
+    assert "| mlp_digits | fp32 | trainrun |" in capsys.readouterr().out
 
 
 def test_checkpoint_bench_structure(bench, tmp_path):
