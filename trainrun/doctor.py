@@ -213,7 +213,7 @@ class Doctor:
                            "once per optimizer step, before the first backward")
         if self._inject is not None and step == self.cfg.inject_nan_step:
             self._hooks.append(self._inject.register_forward_hook(lambda m, i, o: o * float("nan")))
-        if self.is_probe_step(step):
+        if self.probe_every and self.is_probe_step(step):
             self._install_probes()
 
     def is_probe_step(self, step: int) -> bool:
@@ -408,7 +408,8 @@ class Doctor:
 
     def after_update(self) -> None:
         """After the optimizer step: update-to-weight ratios and the statistics row of a probe step."""
-        self._clear_hooks()
+        if self._hooks:
+            self._clear_hooks()
         if self._stats_row is None:
             return
         row, self._stats_row = self._stats_row, None
