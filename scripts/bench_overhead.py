@@ -418,17 +418,19 @@ def run_variant(name: str, base_overrides: List[str], split, warmup: int, steps:
 # ---------------------------------------------------------------------------------------------------- --paired
 
 PAIRED = {"mlp_digits": (200, 30, 1), "resnet18_32px": (10, 4, 1)}  # chunk steps, repetitions, (quick: reps)
-PAIRED_VARIANTS = ("hand", "hand_check", "trainrun", "trainrun_noguard")
+PAIRED_VARIANTS = ("hand", "hand_check", "floor", "trainrun", "trainrun_noguard")
 
 
 def paired_loops(cfg, run_dir: Path) -> Tuple[Dict[str, Any], List]:
     """In one process, on one built model and optimizer: name -> fn(n) that trains n more steps and stamps each.
     hand: the hand loop; hand_check: the hand loop plus the exact per-step gradient check at its cheapest (one
-    fused inf/NaN test of all gradients and the loss read to the host: the floor of any per-step guard);
-    trainrun / trainrun_noguard: `loop.fit` with the run's real logger (metrics.jsonl, console lines every 10)."""
+    fused inf/NaN test of all gradients and the loss read to the host: the floor of any per-step guard); floor:
+    the least work trainrun's default features need, inline (see `floor`); trainrun / trainrun_noguard:
+    `loop.fit` with the run's real logger (metrics.jsonl, console lines every 10)."""
     from trainrun import loop
     from trainrun.build import build
     from trainrun.logging import RunLogger
+    from trainrun.precision import total_norm
 
     with silenced():
         run = build(cfg, run_dir)
@@ -463,7 +465,36 @@ def paired_loops(cfg, run_dir: Path) -> Tuple[Dict[str, Any], List]:
                      advance=lambda s: (logger.advance(s), marks.append(time.perf_counter())))
         t.doctor = doctor
 
-    fns = {"hand": hand, "hand_check": lambda n: hand(n, True), "trainrun": fit,
+    def floor(n):
+        """What trainrun's defaults must do at the least, written inline: its batch stream (exact epoch position),
+        the per-step check and host loss, the per-step LR schedule, and every 10th step the global gradient norm,
+        the train accuracy and a metrics dict (to no logger)."""
+        batches, host, logged = loop.micro_batches(t), 0.0, []
+        for _ in range(n):
+            x, y, _ = next(batches)
+            t.optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                logits = t.model(x)
+            loss = t.task.loss(logits, y)
+            loss.backward()
+            grads, log_step = [p.grad for p in t.params], (t.state.step + 1) % 10 == 0
+            if log_step:
+                norm = total_norm(grads).item()
+            else:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+                found.item()
+            host += loss.item()
+            t.optimizer.step()
+            t.state.step += 1
+            t.schedule.apply(t.optimizer, t.state.step)
+            if log_step:
+                logged.append({"train/loss": host / 10, "train/acc": float((logits.argmax(1) == y).sum()) / len(y),
+                               "grad_norm": norm, "lr": t.optimizer.param_groups[0]["lr"]})
+                logged.clear()
+                host = 0.0
+            marks.append(time.perf_counter())
+
+    fns = {"hand": hand, "hand_check": lambda n: hand(n, True), "floor": floor, "trainrun": fit,
            "trainrun_noguard": lambda n: fit(n, False)}
     return fns, marks
 
@@ -564,6 +595,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     t_start = time.perf_counter()
     if args.paired:
         rows = [row for c in configs for prec in precisions for row in run_paired(c, prec, args.quick, record)]
+        record["load_after"], record["wall_s"] = bu.load(), round(time.perf_counter() - t_start, 1)
         print(bu.table(["config", "precision", "loop", "ms/step (q25 of 10-step blocks)", "x hand",
                         "ms/step (median block)", "x hand", "x hand, paired chunks: median (IQR)"], rows))
         out = bu.write_json(args.out or bu.default_out(name + ".paired", args.quick), record)

@@ -62,7 +62,7 @@ def test_overhead_paired_chunks_compare_the_loops_in_one_process(bench, tmp_path
                                         "--out", str(out)])
     res = rec["results"][0]
     assert json.loads(out.read_text())["results"][0]["config"] == "mlp_digits"
-    for name in ("hand", "hand_check", "trainrun", "trainrun_noguard"):
+    for name in ("hand", "hand_check", "floor", "trainrun", "trainrun_noguard"):
         assert res["block_s_per_step"][name]["median"] > 0
         assert res[f"paired_ratio_{name}_over_hand"]["n"] == res["reps"]
     assert res["paired_ratio_hand_over_hand"]["median"] == 1.0
