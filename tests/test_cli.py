@@ -1,6 +1,7 @@
 """End-to-end tests through the CLI, the way users run trainrun."""
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,18 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, args, expected):
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trainrun: error:") and expected in lines[0], p.stderr
-    assert not (cli.dir / "runs").exists() or not any((cli.dir / "runs").rglob("state.pt"))
+    # not even an empty run directory (a data error is found after Hydra made one)
+    assert not (cli.dir / "runs").exists() or not any((cli.dir / "runs").iterdir())
+
+
+def test_a_refused_run_keeps_a_run_directory_that_was_there_before(cli):
+    """Only the empty directory the refused command itself created goes; an existing (even empty) one stays."""
+    mine = cli.dir / "runs" / "mine"
+    mine.mkdir(parents=True)
+    os.utime(mine, (1_000_000_000, 1_000_000_000))
+    p = cli("run_name=mine", "data=tensors", "data.root=missing.pt", check=False)
+    assert p.returncode == 2 and "not found" in p.stderr
+    assert mine.is_dir() and not any(mine.iterdir())
 
 
 def test_labels_out_of_range_and_nan_data_fail_before_training(cli):

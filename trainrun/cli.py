@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -152,6 +153,7 @@ def setup() -> None:
     _register_resolvers()
 
 
+_STARTED = time.time()  # when this process imported the CLI: a run directory newer than this is its own
 _FAILED_JOBS = []  # multirun jobs that failed in this process (the sweep goes on; the exit code says so)
 _SIGNAL_EXIT = []  # the exit code of a run stopped by a signal (128 + signum)
 _RUN_DIR = []  # the run directory being written, for the one line a second Ctrl-C ends with
@@ -200,6 +202,7 @@ def _task(cfg: DictConfig):
             final = run(cfg, run_dir, overrides, defaults)
         except TrainrunError as e:
             sys.stdout.flush()
+            _drop_if_empty(run_dir)
             _fail(str(e), getattr(e, "exit_code", 2))
         except Exception as e:  # noqa: BLE001  (under torchrun: one line from rank 0, not a traceback per rank)
             rundir.accept_logs()
@@ -486,6 +489,16 @@ def _check_writable(target: Path, what: str, fix: str) -> None:
                 reason, fix = f"disk full: {reason}", f"free disk space or {fix}"
     if reason is not None:
         raise ConfigError(f"{what}: cannot write in {where} ({reason}); {fix}")
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    """A refusal found only once the run began (a data file, a checkpoint) leaves no empty run directory behind:
+    Hydra created it for this command. One that was already there before it (older mtime) or holds anything stays."""
+    try:
+        if run_dir.stat().st_mtime >= _STARTED and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    except OSError:
+        pass  # not empty after all, or gone: nothing to tidy
 
 
 def _fail(msg: str, code: int = 2) -> None:
