@@ -128,6 +128,29 @@ def test_fused_check_catches_a_non_finite_gradient_behind_a_finite_loss_on_unlog
     assert [h[0] for h in doc.history] == [1, 3] and all(math.isnan(h[2]) for h in doc.history)
 
 
+def test_gradients_the_fused_check_cannot_take_fall_back_to_the_norm():
+    """Sparse gradients (nn.Embedding(sparse=True)) are not for the fused check: the plain norm decides."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(4, 3))
+    doc, _, said = _doctor(model, nan_guard="skip")
+    x, y = torch.randint(0, 10, (6, 1)), torch.randint(0, 3, (6,))
+    verdicts = []
+    for step in (1, 2, 3):
+        for p in model.parameters():
+            p.grad = None
+        doc.begin_step(step)
+        doc.watch(x, y, torch.arange(6))
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if step == 2:
+            emb.weight.grad = emb.weight.grad * float("nan")
+        verdicts.append(doc.end_step(loss.detach(), None, None, list(model.parameters())))
+        doc.after_update()
+    assert doc._found_inf is False and verdicts == [True, False, True] and doc.skipped == [2]
+    assert any("non-finite gradient norm (nan)" in line for line in said), said
+
+
 def test_fp16_scale_collapse_is_reported_as_such_with_bf16_advice():
     """Gradients that overflow fp16 even unscaled: GradScaler halves the scale every step until it is < 1."""
     torch.manual_seed(0)

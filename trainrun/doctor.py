@@ -108,8 +108,8 @@ def locate_nonfinite(model: nn.Module, batches: List[Tuple[torch.Tensor, torch.T
                 if not loss.requires_grad:
                     continue
                 grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
-                found["param_grads"] = [n for (n, _), g in zip(params, grads)
-                                        if g is not None and not bool(torch.isfinite(g).all())]
+                found["param_grads"] = [n for (n, _), g in zip(params, grads) if g is not None and not bool(
+                    torch.isfinite(g.coalesce().values() if g.is_sparse else g).all())]  # sparse: nn.Embedding(sparse)
                 # a module whose own parameter gradient is non-finite although its output gradient is finite
                 culprits += [owners[n] for n in found["param_grads"] if out_bad.get(owners.get(n)) is False]
                 if culprits:
@@ -294,7 +294,7 @@ class Doctor:
             return [loss_v, (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()], True
         grads = [p.grad for p in params if p.grad is not None]
         if grads and not self._grads_finite(grads):
-            return [loss_v, float(total_norm(grads))], True
+            return [loss_v, _host_norm(grads)], True
         return [loss_v], False
 
     def _grads_finite(self, grads: List[torch.Tensor]) -> bool:
@@ -304,8 +304,8 @@ class Doctor:
                         and t.is_floating_point() for t in grads)
             self._found_inf = torch.zeros((), device=g.device) if fused else False
             self._one = torch.ones((), device=g.device)
-        if self._found_inf is False:  # sparse or spread over devices: the plain norm
-            return math.isfinite(float(total_norm(grads)))
+        if self._found_inf is False:  # DTensors, sparse or spread over devices: the plain norm
+            return math.isfinite(_host_norm(grads))
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
         if self._found_inf.item() == 0:  # set to 1 by a non-finite value, never reset by the op itself
             return True
@@ -751,6 +751,12 @@ class Doctor:
 
 
 # --- overfit one batch -----------------------------------------------------------------------------------------
+def _host_norm(grads: List[torch.Tensor]) -> float:
+    """The global norm of `grads` as a host number (a DTensor's through its full value)."""
+    norm = total_norm(grads)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def _host_values(got: List[float], norms: int) -> List[float]:
     """[loss, per-tensor gradient norms..., (scale)] read from the device -> [loss, (global norm), (scale)]."""
     if norms <= 1:
