@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from trainrun.errors import ConfigError, TrainrunError
-from trainrun.precision import total_norm
+from trainrun.precision import full_value, total_norm
 
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0 ** -14  # below this fp16 is subnormal (precision lost), below 2**-24 it flushes to zero
@@ -263,14 +263,14 @@ class Doctor:
         scale = self.precision.scale_tensor()
         parts = [loss.float()]
         if norm is not None:
-            parts.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+            parts.append(full_value(norm).float())
         else:
             grads = [p.grad for p in params if p.grad is not None]
             if grads and type(grads[0]) is torch.Tensor and grads[0].device == parts[0].device:  # not DTensors
                 parts.extend(torch._foreach_norm(grads, 2, dtype=torch.float32))
             elif grads:
                 norm = total_norm(grads)
-                parts.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+                parts.append(full_value(norm).float())
         norms = len(parts) - 1
         if scale is not None:
             parts.append(scale.float().reshape(()))
@@ -291,7 +291,7 @@ class Doctor:
         Returns ([loss, (global norm)], whether the norm is there), as `_judge` takes them."""
         loss_v = self.step_loss = loss.item()  # two .item() reads cost less on the CPU than stacking them first
         if norm is not None:
-            return [loss_v, (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()], True
+            return [loss_v, full_value(norm).item()], True
         grads = [p.grad for p in params if p.grad is not None]
         if grads and not self._grads_finite(grads):
             return [loss_v, _host_norm(grads)], True
@@ -754,7 +754,7 @@ class Doctor:
 def _host_norm(grads: List[torch.Tensor]) -> float:
     """The global norm of `grads` as a host number (a DTensor's through its full value)."""
     norm = total_norm(grads)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return float(full_value(norm))
 
 
 def _host_values(got: List[float], norms: int) -> List[float]:

@@ -22,7 +22,7 @@ from trainrun.diagnostics import measured_peak_bytes
 from trainrun.distill import Distiller
 from trainrun.distributed import all_reduce_sum
 from trainrun.doctor import Doctor, TrainingHalted
-from trainrun.precision import PrecisionPolicy
+from trainrun.precision import PrecisionPolicy, full_value
 from trainrun.regularization import EMA, BatchAugment
 from trainrun.schedule import Schedule
 from trainrun.tasks import Task
@@ -257,9 +257,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         log(0, {"epoch": 0, **evaluate_all(t)})
     t.model.train()
     batches = micro_batches(t)
-    loss_acc = torch.zeros((), device=t.device)  # the window's loss sum where the guard did not read it already
-    host_loss, on_device, seen, steps_in_window, norm = 0.0, False, 0, 0, None
-    window_start = time.perf_counter()
+    window, norm = _Window(t.device), None
     while t.state.step < stop_at:
         if t.before_step is not None:
             t.before_step(t.state.step)
@@ -267,14 +265,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         # the task's train metrics (train/acc) come from the log step's batch alone: measuring every step would
         # cost a few tensor ops per step for a number shown once per window (train/loss is the window's mean)
         out = train_step(t, batches, want_norm=is_log_step, want_sums=is_log_step)
-        if not out["skipped"]:
-            if out["loss_value"] is not None:
-                host_loss += out["loss_value"]
-            else:
-                loss_acc += out["loss"]
-                on_device = True
-            seen += out["n"]
-            steps_in_window += 1
+        window.add(out)
         norm = out.get("grad_norm", norm)
         step = t.state.step
         if on_step is not None:
@@ -282,32 +273,8 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             on_step(step, out)
         if is_log_step:
             _settle(t)
-            sums, sums_n = ({}, 0) if out["skipped"] else (dict(out["sums"] or {}), out["n"])
-            if t.world > 1:  # sums over ranks: the same numbers one process with the global batch logs
-                loss_acc += host_loss
-                host_loss, on_device = 0.0, True
-                seen, sums_n = _reduce_window(t, loss_acc, sums, seen, sums_n)
-            loss = (host_loss + (float(loss_acc) if on_device else 0.0)) / max(1, steps_in_window)
-            if loss != loss or loss in (float("inf"), float("-inf")):  # only reachable with doctor.nan_guard=off
-                raise TrainingHalted(f"non-finite training loss ({loss}) in the {steps_in_window} steps up to step "
-                                     f"{step}; re-run with doctor.nan_guard=halt to find the step and the layer, "
-                                     "lower optimizer.lr, or use precision=bf16 instead of fp16")
-            elapsed = time.perf_counter() - window_start
-            rate = seen / max(elapsed, 1e-9)
-            metrics = {"epoch": t.state.epoch, "train/loss": loss,
-                       **(t.task.train_metrics(sums, sums_n) if sums else {}),
-                       **t.task.window_metrics(loss, rate), "lr": t.optimizer.param_groups[0]["lr"],
-                       "samples_per_s": rate}
-            if norm is not None:
-                metrics["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            metrics["peak_mem_mb"] = round(measured_peak_bytes(t.device)["bytes"] / 1024 ** 2, 1)
-            if t.precision.scaler.is_enabled():
-                metrics["loss_scale"] = t.precision.scaler.get_scale()
-            log(step, metrics)
-            if on_device:
-                loss_acc.zero_()
-            host_loss, on_device, seen, steps_in_window = 0.0, False, 0, 0
-            window_start = time.perf_counter()
+            log(step, _train_metrics(t, window, out, norm, step))
+            window.reset()
         else:
             advance(step)
         evaluated = step % eval_every == 0 or step == t.total_steps
@@ -317,7 +284,7 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
             t.state.last_eval = metrics
             on_eval(metrics)
             log(step, {"epoch": t.state.epoch, **metrics})
-            window_start = time.perf_counter()  # keep eval time out of throughput
+            window.start = time.perf_counter()  # keep eval time out of throughput
         # Under torchrun should_stop() is an all_reduce + host sync, so ranks agree on it at log and eval steps
         # only (a signal is honoured within logger.log_every steps; early stopping decides at an eval step);
         # one process checks its flag every step.
@@ -325,9 +292,67 @@ def fit(t: Trainer, *, log_every: int, eval_every: int, ckpt_every: int, stop_at
         if step % ckpt_every == 0 or step == stop_at or stop:
             _settle(t)
             save()
-            window_start = time.perf_counter()
+            window.start = time.perf_counter()
             if stop:
                 return
+
+
+class _Window:
+    """The log window's running sums: the loss (on the host where the guard already read it, else on the device:
+    no accumulator op per step when it did), the samples and the applied steps, and when the window started."""
+
+    def __init__(self, device: torch.device):
+        self.device_loss, self.device_steps = torch.zeros((), device=device), 0
+        self.reset()
+
+    def reset(self) -> None:
+        if self.device_steps:
+            self.device_loss.zero_()
+        self.host_loss, self.device_steps, self.seen, self.steps = 0.0, 0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, out: Dict) -> None:
+        if out["skipped"]:
+            return
+        if out["loss_value"] is not None:
+            self.host_loss += out["loss_value"]
+        else:
+            self.device_loss += out["loss"]
+            self.device_steps += 1
+        self.seen += out["n"]
+        self.steps += 1
+
+    def loss_sum(self) -> torch.Tensor:
+        """Both parts in the device tensor (for the all-reduce under torchrun)."""
+        self.device_loss += self.host_loss
+        self.host_loss, self.device_steps = 0.0, self.device_steps + 1
+        return self.device_loss
+
+    def mean_loss(self) -> float:
+        device = float(self.device_loss) if self.device_steps else 0.0  # a host sync once per log interval
+        return (self.host_loss + device) / max(1, self.steps)
+
+
+def _train_metrics(t: Trainer, window: _Window, out: Dict, norm: Optional[torch.Tensor], step: int) -> Dict:
+    """The log step's train/* metrics: the window's mean loss and throughput, the task's metrics from this step's
+    batch, LR, gradient norm, peak memory and loss scale; summed over ranks under torchrun."""
+    sums, sums_n = ({}, 0) if out["skipped"] else (dict(out["sums"] or {}), out["n"])
+    if t.world > 1:  # sums over ranks: the same numbers one process with the global batch logs
+        window.seen, sums_n = _reduce_window(t, window.loss_sum(), sums, window.seen, sums_n)
+    loss = window.mean_loss()
+    if loss != loss or loss in (float("inf"), float("-inf")):  # only reachable with doctor.nan_guard=off
+        raise TrainingHalted(f"non-finite training loss ({loss}) in the {window.steps} steps up to step {step}; "
+                             "re-run with doctor.nan_guard=halt to find the step and the layer, lower "
+                             "optimizer.lr, or use precision=bf16 instead of fp16")
+    rate = window.seen / max(time.perf_counter() - window.start, 1e-9)
+    metrics = {"epoch": t.state.epoch, "train/loss": loss, **(t.task.train_metrics(sums, sums_n) if sums else {}),
+               **t.task.window_metrics(loss, rate), "lr": t.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
+    if norm is not None:
+        metrics["grad_norm"] = float(full_value(norm))
+    metrics["peak_mem_mb"] = round(measured_peak_bytes(t.device)["bytes"] / 1024 ** 2, 1)
+    if t.precision.scaler.is_enabled():
+        metrics["loss_scale"] = t.precision.scaler.get_scale()
+    return metrics
 
 
 def _settle(t: Trainer) -> None:

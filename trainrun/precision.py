@@ -9,6 +9,11 @@ import torch
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's (FSDP2's sharded gradient norm's) whole value as a plain tensor; any other tensor as itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def total_norm(grads) -> torch.Tensor:
     """The global L2 norm as a device tensor. Plain same-device tensors take a short path (one fused per-tensor
     norm, one stack); anything else (DTensors under FSDP2, several devices) goes through torch's get_total_norm."""
